@@ -1,0 +1,54 @@
+"""Every private Lightning or torch API fts touches, in one place.
+
+These are the calls that may break on a Lightning/torch upgrade; nothing else in the package reaches past public
+APIs. Each function says why the private call is needed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+
+def scheduler_initial_step(scheduler: Any) -> None:
+    """Re-run a scheduler's construction-time step after its groups were rebuilt (phase-0 enforcement).
+
+    torch has no public way to "re-initialize in place"; FTS calls ``_initial_step`` and parity needs the same
+    arithmetic (some schedulers compute their first value differently in initial mode).
+    """
+    if isinstance(scheduler, ReduceLROnPlateau):
+        return
+    scheduler._initial_step()
+
+
+def set_scheduler_last_lr(scheduler: Any, optimizer: torch.optim.Optimizer) -> None:
+    """Keep ``get_last_lr()`` truthful after groups were rebuilt underneath a scheduler."""
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def reorder_callbacks(trainer: Any, callbacks: list[Any]) -> list[Any]:
+    """Lightning's own ordering (checkpoint callbacks last) after we insert or move callbacks."""
+    return trainer._callback_connector._reorder_callbacks(callbacks)
+
+
+def restore_best_checkpoint(trainer: Any, path: str) -> dict[str, Any]:
+    """Load weights and return the raw checkpoint, without touching loops or schedulers.
+
+    Lightning has no public "load weights from this checkpoint mid-fit"; the strategy's load/restore methods are
+    public but the loaded-checkpoint plumbing (precision plugin, datamodule) goes through the connector.
+    """
+    checkpoint = trainer.strategy.load_checkpoint(path)
+    trainer.strategy.load_model_state_dict(checkpoint, strict=True)
+    return checkpoint
+
+
+def batches_that_stepped(trainer: Any) -> int:
+    """The step LearningRateMonitor logs against (``global_step`` counts optimizer steps, not the same thing)."""
+    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+
+def set_max_epochs(trainer: Any, max_epochs: int) -> None:
+    """FTS raises ``max_epochs`` when the final phase's ``max_transition_epoch`` is larger (public attribute)."""
+    trainer.fit_loop.max_epochs = max_epochs

@@ -1,0 +1,210 @@
+"""Validate a parsed schedule against a model before any training step.
+
+Pure structure and types are checked by :func:`fts_daemon.schedule.parse_schedule`; this module adds what needs
+torch: class imports against the allowlist, dry-run construction on a stand-in optimizer with the number of groups
+each phase will really have (simulated, ``no_decay`` splits included), and ``init_pg_lrs`` / ``min_lr`` list lengths.
+Every problem is one line naming the phase, key, value and reason; all problems are reported together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+from fts_daemon.reinit import (
+    ReinitError,
+    dry_run_optimizer,
+    dry_run_scheduler,
+    optimizer_class,
+    scheduler_class,
+    scheduler_init_args,
+)
+from fts_daemon.schedule import (
+    GroupInfo,
+    LRSchedulerSpec,
+    OptimizerSpec,
+    Problem,
+    Schedule,
+    ScheduleError,
+    problem,
+    simulate_phase_groups,
+)
+
+
+@dataclass
+class ValidationOptions:
+    no_decay: Sequence[str] | None = None
+    phase0_groups: int | None = None  # None: the default layout (1 group, 2 with no_decay)
+    allow_untested: bool = False
+    allowed_prefixes: Sequence[str] | None = None
+    strict: bool = False  # init_pg_lrs length mismatches become errors
+    epoch_transitions_only: bool = False
+    reinit_lr_cfg: LRSchedulerSpec | None = None
+    reinit_optim_cfg: OptimizerSpec | None = None
+
+
+@dataclass
+class ValidationReport:
+    warnings: list[str] = field(default_factory=list)
+    groups: list[list[GroupInfo]] = field(default_factory=list)  # per phase, after its groups are added
+
+
+def _group_label(i: int, g: GroupInfo) -> str:
+    return f"pg{i + 1} ({g.label})"
+
+
+def _check_lr_spec(
+    spec: LRSchedulerSpec,
+    index: int,
+    key: str,
+    groups_before: list[GroupInfo],
+    groups_after: list[GroupInfo],
+    phase_lr: float | None,
+    opts: ValidationOptions,
+    implicit: bool,
+    problems: list[Problem],
+    warnings: list[str],
+) -> None:
+    init = spec.lr_scheduler_init
+    try:
+        cls = scheduler_class(init, opts.allow_untested, opts.allowed_prefixes)
+    except ReinitError as err:
+        problems.append(problem(str(err), index, f"{key}.lr_scheduler_init.class_path", init.class_path))
+        return
+    if "optimizer" in init.init_args:
+        warnings.append(
+            f"phase {index}: {key}.lr_scheduler_init.init_args.optimizer is ignored; the existing optimizer is used"
+        )
+    is_plateau = issubclass(cls, ReduceLROnPlateau)
+    plateau = spec.pl_lrs_cfg.get("reduce_on_plateau", is_plateau)
+    if plateau and not spec.pl_lrs_cfg.get("monitor"):
+        problems.append(
+            problem("ReduceLROnPlateau needs the metric to watch in `pl_lrs_cfg.monitor`", index, f"{key}.pl_lrs_cfg")
+        )
+    n_after = len(groups_after)
+    args = scheduler_init_args(init)
+    min_lr = args.get("min_lr")
+    if isinstance(min_lr, (list, tuple)):
+        if implicit:
+            problems.append(
+                problem(
+                    "cannot be a list in `reinit_lr_cfg`: the group count changes at every phase",
+                    index,
+                    f"{key}.lr_scheduler_init.init_args.min_lr",
+                    list(min_lr),
+                )
+            )
+            return
+        if len(min_lr) != n_after:
+            names = ", ".join(_group_label(i, g) for i, g in enumerate(groups_after))
+            problems.append(
+                problem(
+                    f"has {len(min_lr)} values but the optimizer will have {n_after} groups here: {names}",
+                    index,
+                    f"{key}.lr_scheduler_init.init_args.min_lr",
+                    list(min_lr),
+                )
+            )
+            return
+    try:
+        dry_run_scheduler(cls, args, n_after)
+    except ReinitError as err:
+        problems.append(problem(str(err), index, f"{key}.lr_scheduler_init.init_args", init.init_args))
+    if spec.init_pg_lrs is not None:
+        n = len(spec.init_pg_lrs)
+        if n != n_after:
+            if n < n_after:
+                left = ", ".join(_group_label(i, g) for i, g in enumerate(groups_after) if i >= n)
+                new_start = len(groups_before)
+                detail = []
+                if any(i >= new_start for i in range(n, n_after)):
+                    detail.append(f"new groups start at the phase lr {phase_lr!r}")
+                if n < new_start:
+                    detail.append("older groups keep their current lr")
+                msg = (
+                    f"has {n} values for {n_after} groups; not covered: {left} ({'; '.join(detail)})"
+                )
+            else:
+                msg = f"has {n} values for {n_after} groups; the last {n - n_after} values are ignored"
+            if opts.strict:
+                problems.append(problem(msg, index, f"{key}.init_pg_lrs", list(spec.init_pg_lrs)))
+            else:
+                warnings.append(f"phase {index}: {key}.init_pg_lrs: {msg}")
+
+
+def _check_optim_spec(spec: OptimizerSpec, index: int, key: str, opts: ValidationOptions, problems: list[Problem]) -> None:
+    init = spec.optimizer_init
+    try:
+        cls = optimizer_class(init, opts.allowed_prefixes)
+    except ReinitError as err:
+        problems.append(problem(str(err), index, f"{key}.optimizer_init.class_path", init.class_path))
+        return
+    try:
+        dry_run_optimizer(cls, init.init_args)
+    except ReinitError as err:
+        problems.append(problem(str(err), index, f"{key}.optimizer_init.init_args", init.init_args))
+
+
+def validate_schedule(schedule: Schedule, opts: ValidationOptions) -> ValidationReport:
+    """Check every phase; raise :class:`ScheduleError` with all problems, or return warnings and group layout.
+
+    ``schedule`` must already have its params resolved (:func:`fts_daemon.schedule.resolve_params`).
+    """
+    problems: list[Problem] = []
+    report = ValidationReport()
+    optim_reinit_at = [
+        p.index
+        for p in schedule.phases
+        if p.index > 0 and (opts.reinit_optim_cfg is not None or p.new_optimizer is not None)
+    ]
+    layout = simulate_phase_groups(schedule, opts.no_decay, opts.phase0_groups, optim_reinit_at)
+    report.groups = layout
+    for phase in schedule.phases:
+        if phase.index == 0:
+            continue
+        before = layout[phase.index - 1]
+        after = layout[phase.index]
+        if not phase.resolved:
+            report.warnings.append(f"phase {phase.index}: params is empty; the phase adds no parameter groups")
+        lr_spec = opts.reinit_lr_cfg or phase.new_lr_scheduler
+        key = "reinit_lr_cfg" if opts.reinit_lr_cfg is not None else "new_lr_scheduler"
+        if lr_spec is not None:
+            _check_lr_spec(
+                lr_spec, phase.index, key, before, after, phase.lr, opts, opts.reinit_lr_cfg is not None,
+                problems, report.warnings,
+            )
+        optim_spec = opts.reinit_optim_cfg or phase.new_optimizer
+        if optim_spec is not None:
+            okey = "reinit_optim_cfg" if opts.reinit_optim_cfg is not None else "new_optimizer"
+            _check_optim_spec(optim_spec, phase.index, okey, opts, problems)
+        if opts.reinit_lr_cfg is not None or opts.reinit_optim_cfg is not None:
+            # implicit configs are the same at every phase: report their problems once
+            if problems:
+                break
+    if opts.epoch_transitions_only:
+        missing = [str(p.index) for p in schedule.phases if p.max_transition_epoch < 0]
+        if missing:
+            problems.append(
+                problem(
+                    f"epoch_transitions_only needs max_transition_epoch >= 0 in every phase; missing in phase(s) "
+                    f"{', '.join(missing)}",
+                    None,
+                    "max_transition_epoch",
+                )
+            )
+    # dedupe while keeping order (implicit configs can repeat the same line)
+    seen: set[str] = set()
+    unique = []
+    for p in problems:
+        if str(p) not in seen:
+            seen.add(str(p))
+            unique.append(p)
+    if unique:
+        raise ScheduleError(unique)
+    return report
+
+
+def max_transition_watermark(schedule: Schedule) -> int:
+    return max((p.max_transition_epoch for p in schedule.phases), default=-1)
