@@ -1,0 +1,211 @@
+"""Wire protocol v1: event types, the PUB codec, and control request/reply shapes.
+
+Torch-free and Lightning-free on purpose: the TUI and any 20-line pyzmq script import this module alone.
+
+PUB frames are ``[topic, body]``: ``topic`` is ``fts.v1.<kind>`` (ASCII) so subscribers can filter by prefix;
+``body`` is one JSON object (UTF-8), the :class:`Event` envelope. Every event carries ``seq`` (strictly increasing
+per daemon start), ``ts`` (unix seconds), ``run`` (run id), ``daemon`` (id of this daemon start), and ``step`` /
+``epoch`` where they apply. A subscriber that sees a ``seq`` gap or a new ``daemon`` id re-snapshots.
+
+Control is a ROUTER socket; clients use DEALER and send one JSON frame ``{"id", "op", ...}``; the reply is one
+JSON frame ``{"id", "ok": true, "result": ...}`` or ``{"id", "ok": false, "error": "one line"}``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+PROTOCOL_VERSION = 1
+TOPIC_PREFIX = f"fts.v{PROTOCOL_VERSION}."
+
+# Event kinds and what their ``data`` holds:
+STATE = "state"  # {"state": one of RUN_STATES, "error": str | None}
+SCHEDULE = "schedule"  # {"phases": [...], "depth": int, "max_depth": int, "groups": [[label, ...] per phase]}
+TRANSITION = "transition"  # {"from", "to", "reason", "epoch", "step", "new_groups", "scheduler", "optimizer", "groups"}
+LR = "lr"  # {"lrs": {group tag: lr}} one event per optimizer step holding every group
+METRIC = "metric"  # {"metrics": {name: float}, "stage": "train" | "val"}
+EDIT = "edit"  # {"edit": {"id", "phase", "changes", "status", "error", "created", "applied_step"}}
+LOG = "log"  # {"level": "info" | "warning" | "error", "message": str}
+HEARTBEAT = "heartbeat"  # {"state": str, "phase": int}
+
+KINDS = (STATE, SCHEDULE, TRANSITION, LR, METRIC, EDIT, LOG, HEARTBEAT)
+RUN_STATES = ("starting", "training", "transition", "stopping", "finished", "failed")
+EDIT_STATUSES = ("queued", "cancelled", "applied", "rejected")
+
+# Control ops the daemon answers.
+OPS = ("hello", "snapshot", "queue_edit", "cancel_edit", "list_edits", "plan", "stop")
+
+# Hard limits on the wire: anything larger is dropped unread (the daemon never parses oversized frames).
+MAX_REQUEST_BYTES = 256 * 1024
+MAX_EVENT_BYTES = 4 * 1024 * 1024
+
+
+class ProtocolError(ValueError):
+    """A frame that does not follow protocol v1 (one-line message)."""
+
+
+@dataclass
+class Event:
+    kind: str
+    seq: int
+    ts: float
+    run: str
+    daemon: str
+    data: dict[str, Any] = field(default_factory=dict)
+    step: int | None = None
+    epoch: int | None = None
+
+    @property
+    def topic(self) -> str:
+        return TOPIC_PREFIX + self.kind
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "v": PROTOCOL_VERSION,
+            "kind": self.kind,
+            "seq": self.seq,
+            "ts": self.ts,
+            "run": self.run,
+            "daemon": self.daemon,
+            "data": self.data,
+        }
+        if self.step is not None:
+            out["step"] = self.step
+        if self.epoch is not None:
+            out["epoch"] = self.epoch
+        return out
+
+    @classmethod
+    def from_dict(cls, obj: Any) -> Event:
+        if not isinstance(obj, Mapping):
+            raise ProtocolError("event body is not a JSON object")
+        if obj.get("v") != PROTOCOL_VERSION:
+            raise ProtocolError(f"unsupported protocol version {obj.get('v')!r} (expected {PROTOCOL_VERSION})")
+        kind = obj.get("kind")
+        if kind not in KINDS:
+            raise ProtocolError(f"unknown event kind {kind!r}")
+        seq = obj.get("seq")
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+            raise ProtocolError(f"event seq must be a non-negative integer, got {seq!r}")
+        ts = obj.get("ts")
+        if not isinstance(ts, (int, float)) or isinstance(ts, bool):
+            raise ProtocolError("event ts must be a number")
+        run, daemon = obj.get("run"), obj.get("daemon")
+        if not isinstance(run, str) or not isinstance(daemon, str):
+            raise ProtocolError("event run and daemon must be strings")
+        data = obj.get("data", {})
+        if not isinstance(data, Mapping):
+            raise ProtocolError("event data must be an object")
+        step, epoch = obj.get("step"), obj.get("epoch")
+        for name, val in (("step", step), ("epoch", epoch)):
+            if val is not None and (not isinstance(val, int) or isinstance(val, bool)):
+                raise ProtocolError(f"event {name} must be an integer")
+        return cls(kind=kind, seq=seq, ts=float(ts), run=run, daemon=daemon, data=dict(data), step=step, epoch=epoch)
+
+
+def _json_safe(value: Any) -> Any:
+    """JSON has no NaN/inf: send them as null so every client's parser accepts the frame."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(_json_safe(obj), separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def loads(raw: bytes | str, limit: int = MAX_EVENT_BYTES) -> Any:
+    if len(raw) > limit:
+        raise ProtocolError(f"frame of {len(raw)} bytes exceeds the {limit}-byte limit")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ProtocolError(f"not valid UTF-8 JSON: {str(err).splitlines()[0]}") from None
+
+
+def encode_event(event: Event) -> list[bytes]:
+    return [event.topic.encode("ascii"), dumps(event.to_dict())]
+
+
+def decode_event(frames: Sequence[bytes]) -> Event:
+    if len(frames) != 2:
+        raise ProtocolError(f"expected 2 frames [topic, body], got {len(frames)}")
+    topic, body = frames
+    try:
+        topic_s = bytes(topic).decode("ascii")
+    except UnicodeDecodeError:
+        raise ProtocolError("topic is not ASCII") from None
+    event = Event.from_dict(loads(bytes(body)))
+    if topic_s != event.topic:
+        raise ProtocolError(f"topic {topic_s!r} does not match event kind {event.kind!r}")
+    return event
+
+
+def event_to_json_line(event: Event) -> str:
+    """One line of ``events.jsonl`` (the durable record has the same envelope as the wire)."""
+    return dumps(event.to_dict()).decode("utf-8")
+
+
+def event_from_json_line(line: str) -> Event:
+    return Event.from_dict(loads(line))
+
+
+# ------------------------------------------------------------------------------------------------ control
+
+
+def request(op: str, req_id: str | int, **args: Any) -> bytes:
+    return dumps({"id": req_id, "op": op, **args})
+
+
+def ok_reply(req_id: Any, result: Any) -> bytes:
+    return dumps({"id": req_id, "ok": True, "result": result})
+
+
+def error_reply(req_id: Any, message: str) -> bytes:
+    return dumps({"id": req_id, "ok": False, "error": " ".join(str(message).split())})
+
+
+def parse_request(raw: bytes) -> tuple[Any, str, dict[str, Any]]:
+    """Validate a control request frame; return (id, op, args) or raise ProtocolError (with the id if known)."""
+    obj = loads(raw, limit=MAX_REQUEST_BYTES)
+    if not isinstance(obj, Mapping):
+        raise ProtocolError("request must be a JSON object")
+    req_id = obj.get("id")
+    if req_id is not None and (not isinstance(req_id, (str, int)) or isinstance(req_id, bool)):
+        raise ProtocolError("request id must be a string or an integer")
+    op = obj.get("op")
+    if not isinstance(op, str):
+        raise ProtocolError("request needs an `op` string")
+    if op not in OPS:
+        raise ProtocolError(f"unknown op {op[:40]!r} (known: {', '.join(OPS)})")
+    args = {k: v for k, v in obj.items() if k not in ("id", "op")}
+    return req_id, op, args
+
+
+def parse_reply(raw: bytes) -> tuple[Any, bool, Any]:
+    """(id, ok, result-or-error) from a reply frame."""
+    obj = loads(raw)
+    if not isinstance(obj, Mapping) or "ok" not in obj:
+        raise ProtocolError("reply must be an object with `ok`")
+    return obj.get("id"), bool(obj["ok"]), obj.get("result") if obj["ok"] else obj.get("error")
+
+
+def lr_tag_names(base_name: str | None, optimizer_class: str, group_names: Sequence[str | None]) -> list[str]:
+    """The tags Lightning's LearningRateMonitor gives each group (so TensorBoard, events and TUI agree).
+
+    Base: the scheduler config's ``name`` as given, else ``lr-<OptimizerClass>``. With more than one group the
+    suffix is ``/<group name>`` if the group has a ``name``, else ``/pg<N>`` (1-based); a single
+    group gets a suffix only if it is named.
+    """
+    base = base_name if base_name is not None else f"lr-{optimizer_class}"
+    if len(group_names) == 1:
+        return [f"{base}/{group_names[0]}" if group_names[0] else base]
+    return [f"{base}/{name}" if name else f"{base}/pg{i + 1}" for i, name in enumerate(group_names)]
