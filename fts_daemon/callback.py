@@ -24,6 +24,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from fts_daemon import compat
 from fts_daemon.engine import Applied, EngineSettings, PhaseEngine
+from fts_daemon.planner import InitialSetup, Plan, plan_run, snapshot_initial
 from fts_daemon.reinit import (
     DEFAULT_ALLOWED_PREFIXES,
     NamingPolicy,
@@ -175,6 +176,7 @@ class FinetuningScheduler(Callback):
         self.before_transition: list[Callable[[FinetuningScheduler, int], None]] = []
         self.trainer: pl.Trainer | None = None
         self.pl_module: pl.LightningModule | None = None
+        self.initial_setup: InitialSetup | None = None  # phase-0 optimizer/schedulers on stand-ins, for planning
 
     # ------------------------------------------------------------------------------------------ properties
 
@@ -447,6 +449,7 @@ class FinetuningScheduler(Callback):
             self.report = self.validate(self.schedule, self.validation_options(n0, no_decay))
         if self._restored is None:
             self.transitions.append(self._transition_record(None, 0, "start", trainer, None))
+            self.initial_setup = snapshot_initial(pl_module, host.optimizer, host.lr_configs)
         self._emit("schedule", self.schedule_payload())
         self._restored = None
 
@@ -571,6 +574,37 @@ class FinetuningScheduler(Callback):
         for cfg, state in zip(trainer.lr_scheduler_configs, checkpoint.get("lr_schedulers", [])):
             cfg.scheduler.load_state_dict(state)
         return best_depth
+
+    # ------------------------------------------------------------------------------------------ planning
+
+    def plan(
+        self,
+        steps_per_epoch: int | None = None,
+        max_epochs: int | None = None,
+        schedule: Schedule | None = None,
+        transition_epochs: Mapping[int, int] | None = None,
+    ) -> Plan:
+        """The planned per-step LRs of the whole run (``schedule`` lets a caller preview an edited schedule).
+
+        Phases that already started use their actual start epochs unless ``transition_epochs`` says otherwise.
+        """
+        assert self.engine is not None and self.schedule is not None and self.trainer is not None
+        if self.initial_setup is None:
+            raise RuntimeError("the run has not started yet (no phase-0 optimizer to plan from)")
+        trainer = self.trainer
+        steps = steps_per_epoch if steps_per_epoch is not None else int(trainer.num_training_batches)
+        epochs = max_epochs if max_epochs is not None else int(trainer.fit_loop.max_epochs or 0)
+        actual = {t["to"]: t["epoch"] for t in self.transitions if t.get("from") is not None}
+        actual.update(transition_epochs or {})
+        return plan_run(
+            self.initial_setup,
+            schedule or self.schedule,
+            self.engine.settings,
+            self.max_depth,
+            steps,
+            epochs,
+            actual,
+        )
 
     # ------------------------------------------------------------------------------------------ edits
 

@@ -52,3 +52,15 @@ def batches_that_stepped(trainer: Any) -> int:
 def set_max_epochs(trainer: Any, max_epochs: int) -> None:
     """FTS raises ``max_epochs`` when the final phase's ``max_transition_epoch`` is larger (public attribute)."""
     trainer.fit_loop.max_epochs = max_epochs
+
+
+def configure_optimizers_without_trainer(module: Any) -> tuple[list[Any], list[Any]]:
+    """Run ``configure_optimizers`` and parse its output into (optimizers, LRSchedulerConfigs) with no Trainer.
+
+    Used by ``fts-daemon plan``/``validate`` on a freshly built module. Lightning's parser is private; its helpers
+    for the no-trainer case are the only ones that accept every return shape configure_optimizers allows.
+    """
+    from pytorch_lightning.core.optimizer import _configure_optimizers, _configure_schedulers_automatic_opt
+
+    optimizers, schedulers, monitor = _configure_optimizers(module.configure_optimizers())
+    return optimizers, _configure_schedulers_automatic_opt(schedulers, monitor)

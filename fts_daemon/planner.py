@@ -1,0 +1,189 @@
+"""Plan a run's learning rates without training.
+
+The planner replays the schedule with the same :class:`~fts_daemon.engine.PhaseEngine` the callback uses, on
+stand-in parameters (one zero each) and a copy of the initial optimizer and schedulers, stepping the schedulers on
+Lightning's rules: step-interval configs after every ``frequency``-th batch of an epoch, epoch-interval configs after
+the last batch when ``(epoch + 1) % frequency == 0``. Phase starts come from ``max_transition_epoch`` or from
+given transition epochs (early-stopping transitions cannot be known ahead). ReduceLROnPlateau depends on metrics,
+so plans hold its LR unless per-epoch metric values are supplied.
+
+With the same transition epochs, the plan equals the trained trajectory exactly (tests check it).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from pytorch_lightning.utilities.types import LRSchedulerConfig
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+from fts_daemon.engine import EngineSettings, PhaseEngine, SimpleHost
+from fts_daemon.events import lr_tag_names
+from fts_daemon.reinit import capture_lr_state
+from fts_daemon.schedule import Schedule
+
+
+class _ParamView:
+    """Just enough of an nn.Module for the engine: named stand-in parameters, no submodules."""
+
+    def __init__(self, named: list[tuple[str, torch.nn.Parameter]]):
+        self._named = named
+
+    def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return list(self._named)
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for _, p in self._named]
+
+    def modules(self) -> list[Any]:
+        return []
+
+    def named_modules(self) -> list[tuple[str, Any]]:
+        return []
+
+
+@dataclass
+class InitialSetup:
+    """The optimizer and schedulers as phase 0 starts, rebuilt on stand-in parameters (cheap to copy)."""
+
+    view: _ParamView
+    optimizer: torch.optim.Optimizer
+    lr_configs: list[LRSchedulerConfig]
+
+    def clone(self) -> InitialSetup:
+        return copy.deepcopy(self)
+
+
+def snapshot_initial(
+    module: torch.nn.Module, optimizer: torch.optim.Optimizer, lr_configs: Sequence[LRSchedulerConfig]
+) -> InitialSetup:
+    """Copy ``optimizer`` and ``lr_configs`` onto stand-in parameters that mirror ``module``'s names and flags."""
+    standins: dict[int, torch.nn.Parameter] = {}
+    named = []
+    for name, p in module.named_parameters():
+        s = torch.nn.Parameter(torch.zeros(1), requires_grad=p.requires_grad)
+        standins[id(p)] = s
+        named.append((name, s))
+    groups = []
+    for g in optimizer.param_groups:
+        entry = {k: copy.deepcopy(v) for k, v in g.items() if k != "params"}
+        entry["params"] = [standins[id(p)] for p in g["params"] if id(p) in standins]
+        groups.append(entry)
+    # constructors do not accept every key they store in ``defaults`` (AdamW's decoupled_weight_decay, ...)
+    accepted = inspect.signature(type(optimizer).__init__).parameters
+    kwargs = {k: copy.deepcopy(v) for k, v in optimizer.defaults.items() if k in accepted}
+    new_opt = type(optimizer)(groups, **kwargs)
+    new_opt.defaults = copy.deepcopy(optimizer.defaults)
+    # deepcopy the scheduler configs with the optimizer mapped to the stand-in (state, lambdas and all)
+    memo: dict[int, Any] = {id(optimizer): new_opt}
+    for p, s in ((p, standins[id(p)]) for g in optimizer.param_groups for p in g["params"] if id(p) in standins):
+        memo[id(p)] = s
+    configs = [copy.deepcopy(cfg, memo) for cfg in lr_configs]
+    return InitialSetup(view=_ParamView(named), optimizer=new_opt, lr_configs=configs)
+
+
+@dataclass
+class Plan:
+    steps: list[int] = field(default_factory=list)
+    epochs: list[int] = field(default_factory=list)
+    phases: list[int] = field(default_factory=list)
+    series: dict[str, list[float | None]] = field(default_factory=dict)
+    phase_starts: list[dict[str, int]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "epochs": self.epochs,
+            "phases": self.phases,
+            "series": self.series,
+            "phase_starts": self.phase_starts,
+        }
+
+    def group_lrs(self, step_index: int) -> dict[str, float]:
+        return {k: v[step_index] for k, v in self.series.items() if v[step_index] is not None}
+
+    def table(self) -> list[dict[str, Any]]:
+        """Per phase: its start, and each group's LR at the phase's first and last step."""
+        rows = []
+        for i, start in enumerate(self.phase_starts):
+            end = self.phase_starts[i + 1]["step"] - 1 if i + 1 < len(self.phase_starts) else len(self.steps) - 1
+            if end < start["step"]:
+                continue
+            first = self.group_lrs(start["step"])
+            last = self.group_lrs(end)
+            rows.append({**start, "last_step": end, "first": first, "last": last})
+        return rows
+
+
+def _tags(optimizer: torch.optim.Optimizer, lr_configs: Sequence[LRSchedulerConfig]) -> list[str]:
+    name = lr_configs[0].name if lr_configs else None
+    return lr_tag_names(name, type(optimizer).__name__, [g.get("name") for g in optimizer.param_groups])
+
+
+def plan_run(
+    initial: InitialSetup,
+    schedule: Schedule,
+    settings: EngineSettings,
+    max_depth: int,
+    steps_per_epoch: int,
+    max_epochs: int,
+    transition_epochs: Mapping[int, int] | None = None,
+    plateau_metrics: Sequence[float] | None = None,
+) -> Plan:
+    """Simulate the per-step, per-group LRs of a whole run.
+
+    ``transition_epochs`` maps a phase to the epoch it starts (overrides ``max_transition_epoch``; use it for phases
+    that early stopping ended, or to preview). ``plateau_metrics[e]`` feeds ReduceLROnPlateau after epoch ``e``.
+    """
+    setup = initial.clone()
+    host = SimpleHost(setup.optimizer, setup.lr_configs)
+    engine = PhaseEngine(copy.deepcopy(schedule), settings)
+    transition_epochs = dict(transition_epochs or {})
+    plan = Plan(phase_starts=[{"phase": 0, "epoch": 0, "step": 0}])
+    depth = 0
+    step = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that the stand-in optimizer never stepped; it need not
+        for epoch in range(max_epochs):
+            if depth < max_depth:
+                nxt = depth + 1
+                start = transition_epochs.get(nxt)
+                if start is None:
+                    limit = engine.schedule[depth].max_transition_epoch
+                    hit = 0 <= limit <= epoch
+                else:
+                    hit = epoch >= start
+                if hit:
+                    pre = capture_lr_state(host.optimizer, host.lr_configs)
+                    depth = nxt
+                    engine.advance(host, setup.view, depth, pre, None)  # type: ignore[arg-type]
+                    plan.phase_starts.append({"phase": depth, "epoch": epoch, "step": step})
+            for batch in range(steps_per_epoch):
+                tags = _tags(host.optimizer, host.lr_configs)
+                for tag, group in zip(tags, host.optimizer.param_groups):
+                    series = plan.series.setdefault(tag, [None] * step)
+                    series.append(float(group["lr"]))
+                for series in plan.series.values():
+                    if len(series) < step + 1:
+                        series.append(None)
+                plan.steps.append(step)
+                plan.epochs.append(epoch)
+                plan.phases.append(depth)
+                step += 1
+                for cfg in host.lr_configs:
+                    if cfg.interval == "step" and not cfg.reduce_on_plateau and (batch + 1) % cfg.frequency == 0:
+                        cfg.scheduler.step()
+            for cfg in host.lr_configs:
+                if cfg.interval == "epoch" and not cfg.reduce_on_plateau and (epoch + 1) % cfg.frequency == 0:
+                    cfg.scheduler.step()
+            if plateau_metrics is not None and epoch < len(plateau_metrics):
+                for cfg in host.lr_configs:
+                    if isinstance(cfg.scheduler, ReduceLROnPlateau) and (epoch + 1) % cfg.frequency == 0:
+                        cfg.scheduler.step(plateau_metrics[epoch])
+    return plan
