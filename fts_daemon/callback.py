@@ -169,6 +169,7 @@ class FinetuningScheduler(Callback):
         self.report: ValidationReport | None = None
         self._depth = 0
         self._restored: dict[str, Any] | None = None
+        self._resume_plateau: dict[str, Any] | None = None
         self._phase0_groups_validated = False
         self.transitions: list[dict[str, Any]] = []  # history: one dict per phase start
         self.listeners: list[Listener] = []
@@ -503,6 +504,8 @@ class FinetuningScheduler(Callback):
         }
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._resume_plateau is not None:
+            self._take_missed_plateau_step(trainer)
         if self.should_transition(trainer):
             reason = self._transition_reason(trainer)
             previous = self._depth
@@ -638,7 +641,34 @@ class FinetuningScheduler(Callback):
             "active_optim_spec": self.engine.active_optim_spec.to_dict() if self.engine.active_optim_spec else None,
             "groups": groups,
             "transitions": copy.deepcopy(self.transitions),
+            "pending_plateau": self._pending_plateau_step(),
         }
+
+    def _pending_plateau_step(self) -> dict[str, Any] | None:
+        """The ReduceLROnPlateau step Lightning will take after this epoch's validation, with its metric values.
+
+        Lightning writes end-of-epoch checkpoints before it steps plateau schedulers and, resuming from such a
+        checkpoint, starts the next epoch without that step. Saving the inputs lets a resume take the step itself.
+        """
+        trainer = self.trainer
+        if trainer is None:
+            return None
+        epoch = int(trainer.current_epoch)
+        values: dict[str, float] = {}
+        for cfg in trainer.lr_scheduler_configs:
+            if cfg.reduce_on_plateau and cfg.monitor and (epoch + 1) % cfg.frequency == 0:
+                value = trainer.callback_metrics.get(cfg.monitor)
+                if value is not None:
+                    values[cfg.monitor] = float(value)
+        return {"epoch": epoch, "values": values} if values else None
+
+    def _take_missed_plateau_step(self, trainer: pl.Trainer) -> None:
+        pending, self._resume_plateau = self._resume_plateau, None
+        if not pending or int(trainer.current_epoch) != pending["epoch"] + 1:
+            return  # the checkpoint was written mid-epoch: Lightning still takes the step itself
+        for cfg in trainer.lr_scheduler_configs:
+            if cfg.reduce_on_plateau and cfg.monitor in pending["values"]:
+                cfg.scheduler.step(pending["values"][cfg.monitor])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "groups" not in state_dict:
@@ -699,6 +729,7 @@ class FinetuningScheduler(Callback):
             self.engine.active_lr_spec = spec_lr
         pad_lambdas(host.lr_configs, len(host.optimizer.param_groups))
         self.transitions = list(state.get("transitions", []))
+        self._resume_plateau = state.get("pending_plateau")
         es = trainer.early_stopping_callback
         if isinstance(es, FTSEarlyStopping):
             es.final_phase = self.depth_remaining == 0

@@ -119,7 +119,7 @@ def trainer(tmp_path: Any, callbacks: list, max_epochs: int, **kwargs: Any) -> p
 STEP_LR = {"lr_scheduler_init": {"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 1, "gamma": 0.7}}}
 
 
-def explicit_schedule(**overrides: Any) -> dict[int, dict[str, Any]]:
+def explicit_schedule(overrides: dict[int, dict[str, Any]] | None = None) -> dict[int, dict[str, Any]]:
     """FTS's explicit test schedule shape on TinyNet: head first, one Linear more per phase."""
     sched: dict[int, dict[str, Any]] = {
         0: {"params": ["layer.6.bias", "layer.6.weight"]},
@@ -137,6 +137,6 @@ def explicit_schedule(**overrides: Any) -> dict[int, dict[str, Any]]:
         },
         3: {"params": ["layer.0.*"]},
     }
-    for k, v in overrides.items():
+    for k, v in (overrides or {}).items():
         sched[int(k)] = v
     return sched

@@ -1,0 +1,1 @@
+"""Built-in example models for demos and tests (no downloads)."""
