@@ -358,12 +358,16 @@ class FinetuningScheduler(Callback):
             self._warn("strategy_adapter_cfg / custom_strategy_adapters are accepted for compatibility and ignored")
         schedule, warns, implicit = self.build_schedule(pl_module)
         if implicit:
-            path = self._write_schedule(f"{type(pl_module).__name__}_ft_schedule.yaml", dump_schedule(schedule))
+            path = self._write_schedule(
+                f"{type(pl_module).__name__}_ft_schedule.yaml", dump_schedule(schedule, resolved=False)
+            )
             if path:
                 rank_zero_info(f"fts: generated fine-tuning schedule written to {path}")
         if self.gen_ft_sched_only:
             if not implicit:
-                self._write_schedule(f"{type(pl_module).__name__}_ft_schedule.yaml", dump_schedule(schedule))
+                self._write_schedule(
+                    f"{type(pl_module).__name__}_ft_schedule.yaml", dump_schedule(schedule, resolved=False)
+                )
             raise SystemExit(0)
         if not implicit:
             self._write_schedule(f"{type(pl_module).__name__}_ft_schedule.yaml", dump_schedule(schedule, resolved=False))

@@ -1,0 +1,259 @@
+"""Planner == trained trajectory; TensorBoard LR tags; generated/effective schedule files; group names; phase scalar."""
+
+from __future__ import annotations
+
+import copy
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from pytorch_lightning.callbacks import LearningRateMonitor
+from pytorch_lightning.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from fts_daemon import FinetuningScheduler, FTSEarlyStopping
+from fts_daemon.schedule import ScheduleError, parse_phase, parse_schedule, parse_yaml_text
+from tests.engine_models import STEP_LR, LRRecorder, TinyNet, explicit_schedule, loaders, trainer
+
+NAME = "Explicit_Reinit_LR_Scheduler"
+
+SEED_LIKE = {
+    0: {"params": ["layer.6.*"], "max_transition_epoch": 2},
+    1: {
+        "params": ["layer.4.*"],
+        "max_transition_epoch": 4,
+        "new_lr_scheduler": {
+            "lr_scheduler_init": {"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 1, "gamma": 0.7}},
+            "pl_lrs_cfg": {"interval": "epoch", "frequency": 1, "name": NAME},
+            "init_pg_lrs": [2e-6, 2e-6, 1e-5, 1e-5],
+        },
+    },
+    2: {
+        "params": ["layer.2.*", "layer.0.*"],
+        "max_transition_epoch": 8,
+        "new_lr_scheduler": {
+            "lr_scheduler_init": {
+                "class_path": "torch.optim.lr_scheduler.CosineAnnealingWarmRestarts",
+                "init_args": {"T_0": 3, "T_mult": 2, "eta_min": 1e-7},
+            },
+            "pl_lrs_cfg": {"interval": "step", "frequency": 2, "name": NAME},
+            "init_pg_lrs": [1e-6, 1e-6, 2e-6, 2e-6, 2e-6, 2e-6],
+        },
+    },
+}
+
+
+def seed_like_model(**kw: Any) -> TinyNet:
+    return TinyNet(
+        optimizer="AdamW",
+        optimizer_args={"lr": 1e-5, "weight_decay": 1e-5, "eps": 1e-7},
+        scheduler="LinearLR",
+        scheduler_args={"start_factor": 0.1, "total_iters": 4},
+        lrs_cfg={"interval": "epoch", "frequency": 1, "name": NAME},
+        no_decay=["bias"],
+        all_params=True,
+        **kw,
+    )
+
+
+@pytest.mark.parametrize("mode", ["explicit", "implicit", "es-driven"])
+def test_plan_equals_trained_trajectory(tmp_path: Path, mode: str) -> None:
+    if mode == "explicit":
+        model, kw, epochs = seed_like_model(), {"ft_schedule": copy.deepcopy(SEED_LIKE), "epoch_transitions_only": True}, 10
+        extra: list[Any] = []
+    elif mode == "implicit":
+        model, kw, epochs = TinyNet(), {"reinit_lr_cfg": copy.deepcopy(STEP_LR), "epoch_transitions_only": False}, 8
+        extra = [FTSEarlyStopping(monitor="val_loss", patience=1)]
+    else:
+        model, kw, epochs = TinyNet(), {"ft_schedule": explicit_schedule()}, 8
+        extra = [FTSEarlyStopping(monitor="val_loss", patience=1)]
+    rec = LRRecorder()
+    fts = FinetuningScheduler(restore_best=False, **kw)
+    t = trainer(tmp_path, [fts, rec, *extra], max_epochs=epochs)
+    t.fit(model, *loaders())
+    plan = fts.plan()
+    # the plan covers max_epochs; a run ended early by early stopping covers a prefix of it
+    assert len(plan.steps) >= len(rec.steps) > 0
+    tags = list(plan.series)
+    for i, got in enumerate(rec.steps):
+        planned = [plan.series[tag][i] for tag in tags if plan.series[tag][i] is not None]
+        assert planned == got, f"step {i}: planned {planned} != trained {got}"
+    assert [s["phase"] for s in plan.phase_starts] == list(range(fts.curr_depth + 1))
+
+
+def test_plan_previews_an_edited_schedule(tmp_path: Path) -> None:
+    fts = FinetuningScheduler(ft_schedule=copy.deepcopy(SEED_LIKE), epoch_transitions_only=True, restore_best=False)
+    t = trainer(tmp_path, [fts], max_epochs=3)
+    t.fit(seed_like_model(), *loaders())  # stops in phase 1; phase 2 is still ahead
+    edited = fts.schedule.copy()
+    raw = edited[2].to_dict()
+    raw["new_lr_scheduler"] = {
+        "lr_scheduler_init": {"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 1, "gamma": 0.5}},
+        "pl_lrs_cfg": {"name": NAME},
+    }
+    edited.phases[2] = parse_phase(2, raw, 1e-5, [], [])
+    edited.phases[2].resolved = fts.schedule[2].resolved
+    base, preview = fts.plan(max_epochs=10), fts.plan(max_epochs=10, schedule=edited)
+    start = base.phase_starts[2]["step"]
+    assert base.phases[start] == preview.phases[start] == 2
+    assert base.group_lrs(start - 1) == preview.group_lrs(start - 1)
+    assert base.group_lrs(start + 8) != preview.group_lrs(start + 8)
+    # StepLR(gamma 0.5) at epoch interval: the next epoch's first step halves every group's LR
+    first, next_epoch = preview.group_lrs(start), preview.group_lrs(start + 4)
+    assert all(next_epoch[k] == v * 0.5 for k, v in first.items())
+
+
+def _scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    files = list(logdir.rglob("events.out.tfevents.*"))
+    assert files, f"no event files under {logdir}"
+    out: dict[str, list[tuple[int, float]]] = {}
+    for f in files:
+        acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return out
+
+
+def test_tensorboard_lr_series_are_continuous_per_group(tmp_path: Path) -> None:
+    logger = TensorBoardLogger(str(tmp_path), name="tb", version=0)
+    fts = FinetuningScheduler(ft_schedule=copy.deepcopy(SEED_LIKE), epoch_transitions_only=True, restore_best=False)
+    rec = LRRecorder()
+    t = trainer(tmp_path, [fts, LearningRateMonitor(), rec], max_epochs=10, logger=logger, log_every_n_steps=1)
+    t.fit(seed_like_model(), *loaders())
+    scalars = _scalars(tmp_path / "tb")
+    lr_tags = sorted(k for k in scalars if k.startswith(NAME))
+    # one name everywhere: one tag per group (pg1..pg6), no lr-AdamW/... family
+    assert lr_tags == [f"{NAME}/pg{i}" for i in range(1, 7)]
+    assert not any(k.startswith("lr-") for k in scalars)
+    pg1 = sorted(scalars[f"{NAME}/pg1"])
+    # pg1 spans all three phases: LinearLR warm-up (epoch interval), StepLR, then CAWR (step interval)
+    values = [v for _, v in pg1]
+    assert values[0] == pytest.approx(1e-6, rel=1e-6)
+    assert pytest.approx(2e-6, rel=1e-6) in values
+    steps = [s for s, _ in pg1]
+    assert steps == sorted(steps) and steps[-1] >= 30
+    # pg5 only exists from phase 2 on, starting at its init_pg_lrs value
+    assert sorted(scalars[f"{NAME}/pg5"])[0][1] == pytest.approx(2e-6, rel=1e-6)
+    # the logged phase scalar steps through 0, 1, 2
+    assert sorted({int(v) for _, v in scalars["fts_phase"]}) == [0, 1, 2]
+
+
+def test_named_groups_give_phase_tags(tmp_path: Path) -> None:
+    logger = TensorBoardLogger(str(tmp_path), name="tb", version=0)
+    fts = FinetuningScheduler(
+        ft_schedule=copy.deepcopy(SEED_LIKE), epoch_transitions_only=True, restore_best=False, name_param_groups=True
+    )
+    t = trainer(tmp_path, [fts, LearningRateMonitor()], max_epochs=6, logger=logger, log_every_n_steps=1)
+    t.fit(seed_like_model(), *loaders())
+    tags = sorted(k for k in _scalars(tmp_path / "tb") if k.startswith(NAME))
+    assert tags == sorted(f"{NAME}/phase{i}{s}" for i in range(3) for s in ("", "_no_decay"))
+
+
+def test_generated_and_effective_schedules_written(tmp_path: Path) -> None:
+    fts = FinetuningScheduler(restore_best=False, max_depth=2, log_dir=str(tmp_path / "logs"))
+    t = trainer(tmp_path, [fts, FTSEarlyStopping(monitor="val_loss", patience=1)], max_epochs=2)
+    t.fit(TinyNet(), *loaders())
+    gen = yaml.safe_load((tmp_path / "logs" / "TinyNet_ft_schedule.yaml").read_text())
+    # reversed registration order, two per phase
+    assert gen[0]["params"] == ["layer.6.bias", "layer.6.weight"]
+    assert gen[3]["params"] == ["layer.0.bias", "layer.0.weight"]
+    eff = yaml.safe_load((tmp_path / "logs" / "TinyNet_ft_schedule_effective.yaml").read_text())
+    assert eff[1]["lr"] == 1e-5 and eff[1]["max_transition_epoch"] == -1
+
+
+def test_gen_ft_sched_only_exits_cleanly(tmp_path: Path) -> None:
+    fts = FinetuningScheduler(gen_ft_sched_only=True, log_dir=str(tmp_path))
+    t = trainer(tmp_path, [fts], max_epochs=1)
+    with pytest.raises(SystemExit) as info:
+        t.fit(TinyNet(), *loaders())
+    assert info.value.code == 0
+    assert (tmp_path / "TinyNet_ft_schedule.yaml").exists()
+
+
+def test_restore_best_rolls_back_weights_not_lrs(tmp_path: Path) -> None:
+    runs = {}
+    for restore in (False, True):
+        torch.manual_seed(0)
+        rec = LRRecorder()
+        kw: dict[str, Any] = {"restore_best": restore}
+        fts = FinetuningScheduler(ft_schedule=explicit_schedule(), **kw)
+        from fts_daemon import FTSCheckpoint
+
+        cbs = [fts, FTSEarlyStopping(monitor="val_loss", patience=1), rec, FTSCheckpoint(monitor="val_loss", dirpath=tmp_path / f"c{restore}")]
+        t = trainer(tmp_path / str(restore), cbs, max_epochs=8)
+        model = TinyNet()
+        t.fit(model, *loaders())
+        runs[restore] = (rec.steps, [p.detach().clone() for p in model.parameters()], fts)
+    assert runs[True][0] == runs[False][0]  # FTS re-applies the latest LR state after restoring
+    assert any(not torch.equal(a, b) for a, b in zip(runs[True][1], runs[False][1]))
+    assert runs[True][2].curr_depth == 3
+
+
+def _seed_yaml_blocks() -> list[str]:
+    text = Path(__file__).resolve().parents[2].joinpath("shared/seed/lr_scheduler_reinit.rst")
+    if not text.exists():
+        text = Path("/work/shared/seed/lr_scheduler_reinit.rst")
+    lines = text.read_text().splitlines()
+    blocks, i = [], 0
+    while i < len(lines):
+        if lines[i].strip().startswith(".. code-block:: yaml"):
+            indent = len(lines[i]) - len(lines[i].lstrip())
+            body, i = [], i + 1
+            while i < len(lines) and (not lines[i].strip() or len(lines[i]) - len(lines[i].lstrip()) > indent):
+                if not lines[i].strip().startswith(":"):
+                    body.append(lines[i])
+                i += 1
+            blocks.append(textwrap.dedent("\n".join(body)).strip("\n"))
+        else:
+            i += 1
+    return blocks
+
+
+def test_every_seed_yaml_block_loads() -> None:
+    blocks = _seed_yaml_blocks()
+    assert len(blocks) == 10
+    for block in blocks:
+        # the doc elides with "..." lines; they are not part of the shapes it documents
+        elided = any(line.strip() == "..." for line in block.splitlines())
+        data = parse_yaml_text("\n".join(line for line in block.splitlines() if line.strip() != "..."))
+        if elided:  # a fragment: it must load and have the documented top-level shape
+            assert isinstance(data, (dict, list))
+        elif isinstance(data, dict) and all(isinstance(k, int) for k in data):
+            if 0 in data:
+                parse_schedule(data)
+            else:
+                for k, v in data.items():
+                    problems: list[Any] = []
+                    parse_phase(k, v, 1e-5, problems, [])
+                    assert not problems, problems
+        else:
+            assert isinstance(data, (dict, list))
+
+
+def test_seed_full_schedules_resolve_against_deberta_names() -> None:
+    from fts_daemon.schedule import resolve_params
+
+    names = [
+        "model.deberta.embeddings.LayerNorm.weight",
+        "model.deberta.embeddings.LayerNorm.bias",
+        *[f"model.deberta.encoder.layer.{i}.{part}.dense.weight" for i in range(12) for part in ("attention.output", "intermediate", "output")],
+        "model.deberta.encoder.rel_embeddings.weight",
+        "model.deberta.encoder.LayerNorm.weight",
+        "model.deberta.encoder.LayerNorm.bias",
+        "model.pooler.dense.weight",
+        "model.pooler.dense.bias",
+        "model.classifier.weight",
+        "model.classifier.bias",
+    ]
+    full = [b for b in _seed_yaml_blocks() if b.startswith("0:") and "new_lr_scheduler" in b and "init_pg_lrs" in b]
+    assert full
+    for block in full:
+        schedule, _ = parse_schedule(parse_yaml_text(block))
+        resolve_params(schedule, names)
+        assert len(schedule[2].resolved) == 1 + 36 + 2  # rel_embeddings, 12 layers x 3 parts, embeddings LayerNorm
+    with pytest.raises(ScheduleError):
+        parse_schedule(parse_yaml_text("0:\n  params: [a]\n0:\n  params: [b]\n"))
