@@ -405,10 +405,13 @@ def parse_phase(index: int, raw: Any, base_max_lr: float | None, problems: list[
                 )
     else:
         lr_raw = raw.get("lr", base_max_lr)
-        lr = as_lr(lr_raw)
-        if lr is None:
-            problems.append(problem("must be a finite, non-negative float", index, "lr", lr_raw))
-        phase.lr = lr
+        if lr_raw is None and base_max_lr is None and raw.get("lr") is None:
+            phase.lr = None  # base_max_lr=None: new groups start at the optimizer's own lr (FTS documents this)
+        else:
+            lr = as_lr(lr_raw)
+            if lr is None:
+                problems.append(problem("must be a finite, non-negative float", index, "lr", lr_raw))
+            phase.lr = lr
         if raw.get("new_lr_scheduler") is not None:
             spec, sub = parse_lr_scheduler_spec(raw["new_lr_scheduler"], index)
             problems.extend(sub)
