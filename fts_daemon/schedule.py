@@ -586,7 +586,8 @@ def simulate_phase_groups(
     for phase in schedule.phases:
         if phase.index == 0:
             dec, nd = split_no_decay(phase.resolved, no_decay)
-            if phase0_groups is not None and not no_decay:
+            if phase0_groups is not None and phase0_groups != (2 if no_decay else 1):
+                # the user's optimizer kept its own phase-0 layout; later phases still split by no_decay
                 groups = [GroupInfo(0, False, tuple(phase.resolved))] + [
                     GroupInfo(0, False, ()) for _ in range(max(phase0_groups - 1, 0))
                 ]
