@@ -19,7 +19,6 @@ import bz2
 import csv
 import importlib
 import importlib.metadata
-import io
 import os
 import random
 from collections.abc import Sequence
