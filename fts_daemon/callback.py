@@ -178,6 +178,7 @@ class FinetuningScheduler(Callback):
         self.trainer: pl.Trainer | None = None
         self.pl_module: pl.LightningModule | None = None
         self.initial_setup: InitialSetup | None = None  # phase-0 optimizer/schedulers on stand-ins, for planning
+        self._resolved_log_dir: str | None = None
 
     # ------------------------------------------------------------------------------------------ properties
 
@@ -290,9 +291,10 @@ class FinetuningScheduler(Callback):
         return load_schedule_file(self.ft_schedule), False
 
     def _write_schedule(self, name: str, text: str) -> Path | None:
-        if self.trainer is None or not self.trainer.is_global_zero or not self.log_dir:
+        log_dir = self._resolved_log_dir
+        if self.trainer is None or not self.trainer.is_global_zero or not log_dir:
             return None
-        path = Path(self.log_dir) / name
+        path = Path(log_dir) / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         return path
@@ -352,6 +354,8 @@ class FinetuningScheduler(Callback):
         if stage != "fit":
             return
         self.trainer, self.pl_module = trainer, pl_module
+        # trainer.log_dir broadcasts under DDP: every rank must ask, or rank 0 waits forever
+        self._resolved_log_dir = self.log_dir
         self._configure_callback_deps(trainer, pl_module, stage)
         self._check_strategy(trainer)
         if self.strategy_adapter_cfg or self.custom_strategy_adapters:
@@ -548,6 +552,7 @@ class FinetuningScheduler(Callback):
             applied = self.engine.advance(host, module, self._depth, pre_state, restored_depth)
         except ReinitError as err:  # validated up front; this only fires on a genuinely new failure
             raise MisconfigurationException(f"phase {self._depth}: {err}") from None
+        compat.rewrap_ddp(trainer)
         es = trainer.early_stopping_callback
         if isinstance(es, FTSEarlyStopping):
             es.final_phase = self.depth_remaining == 0
@@ -701,6 +706,7 @@ class FinetuningScheduler(Callback):
             self.engine.schedule = schedule
         self.max_depth = int(state.get("max_depth", self.max_depth))
         self.engine.thaw_to_depth(pl_module, self._depth)
+        compat.rewrap_ddp(trainer)
         params = dict(pl_module.named_parameters())
         groups = []
         for entry in state["groups"]:

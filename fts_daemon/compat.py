@@ -64,3 +64,21 @@ def configure_optimizers_without_trainer(module: Any) -> tuple[list[Any], list[A
 
     optimizers, schedulers, monitor = _configure_optimizers(module.configure_optimizers())
     return optimizers, _configure_schedulers_automatic_opt(schedulers, monitor)
+
+
+def rewrap_ddp(trainer: Any) -> bool:
+    """Re-wrap the module in DistributedDataParallel so parameters thawed since the last wrap are all-reduced.
+
+    DDP registers only the parameters that require grad when it is constructed; Lightning wraps once, before the
+    first phase, so every later phase's gradients would stay rank-local and the replicas would drift apart.
+    ``configure_ddp`` is DDPStrategy's own (public) wrapping step; unwrapping first is what it expects.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    strategy = trainer.strategy
+    model = getattr(strategy, "model", None)
+    if not isinstance(model, DistributedDataParallel) or not hasattr(strategy, "configure_ddp"):
+        return False
+    strategy.model = model.module
+    strategy.configure_ddp()
+    return True
