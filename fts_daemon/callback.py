@@ -45,6 +45,7 @@ from fts_daemon.schedule import (
     load_schedule_file,
     parse_lr_scheduler_spec,
     parse_optimizer_spec,
+    parse_phase,
     parse_schedule,
     resolve_params,
 )
@@ -489,9 +490,29 @@ class FinetuningScheduler(Callback):
         es = trainer.early_stopping_callback
         final = bool(getattr(es, "final_phase", self.depth_remaining == 0))
         es_done = bool(getattr(es, "es_phase_complete", False))
+        if trainer.world_size > 1:
+            # an unsynced metric can make ranks disagree; any rank done moves all (a lone rank would deadlock)
+            es_done = bool(trainer.strategy.reduce_boolean_decision(es_done, all=False))
+            if es_done and isinstance(es, FTSEarlyStopping):
+                es.es_phase_complete = True
         if self.depth_remaining == 0:
             return False
         return es_done or (not final and epoch_hit)
+
+    def _sync_phase_from_rank_zero(self, trainer: pl.Trainer, index: int) -> None:
+        """Edits arrive on rank 0 only: broadcast the phase about to start so every rank configures the same one."""
+        assert self.schedule is not None
+        raw = trainer.strategy.broadcast(self.schedule[index].to_dict(resolved=False), src=0)
+        if raw != self.schedule[index].to_dict(resolved=False):
+            problems: list[Any] = []
+            phase = parse_phase(index, raw, self.base_max_lr, problems, [])
+            if problems:
+                raise FTSConfigError([str(p) for p in problems])
+            full = self.schedule.to_dict(resolved=False)
+            full[index] = phase.to_dict(resolved=False)
+            schedule, _ = parse_schedule(full, self.base_max_lr)
+            resolve_params(schedule, [n for n, _ in trainer.lightning_module.named_parameters()])
+            self.replace_phase(schedule[index])
 
     def _transition_reason(self, trainer: pl.Trainer) -> str:
         es = trainer.early_stopping_callback
@@ -519,6 +540,8 @@ class FinetuningScheduler(Callback):
             previous = self._depth
             for hook in list(self.before_transition):
                 hook(self, previous + 1)
+            if trainer.world_size > 1:
+                self._sync_phase_from_rank_zero(trainer, previous + 1)
             self._depth += 1
             applied = self.step()
             record = self._transition_record(previous, self._depth, reason, trainer, applied)

@@ -13,9 +13,9 @@ pytestmark = pytest.mark.slow
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-def _run(devices: int, out: Path) -> list[dict]:
+def _run(devices: int, out: Path, mode: str = "plain") -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, str(WORKER), str(devices), str(out)], check=True, timeout=240, cwd=out)
+    subprocess.run([sys.executable, str(WORKER), str(devices), str(out), mode], check=True, timeout=240, cwd=out)
     return [json.loads((out / f"rank{r}_of_{devices}.json").read_text()) for r in range(devices)]
 
 
@@ -26,5 +26,14 @@ def test_ddp_two_processes_match_single_process(tmp_path: Path) -> None:
     assert rank0["epochs"] == rank1["epochs"] == single["epochs"]
     assert [depth for _, depth, _ in rank0["epochs"]] == [0, 1, 2, 3, 3]
     # parameters thawed in later phases are all-reduced too (DDP re-wrapped at each transition)
+    for name, values in rank0["weights"].items():
+        assert values == rank1["weights"][name], f"{name} differs between ranks"
+
+
+def test_edit_applied_on_rank_zero_reaches_every_rank(tmp_path: Path) -> None:
+    expected = _run(1, tmp_path / "yaml", "edit-in-yaml")[0]
+    rank0, rank1 = _run(2, tmp_path / "ddp", "edit-on-rank0")
+    assert rank0["epochs"] == rank1["epochs"] == expected["epochs"]
+    assert rank0["epochs"][2][1:] == [2, [3e-4, 2e-4, 4e-5]]  # phase 2 starts with the edited init_pg_lrs
     for name, values in rank0["weights"].items():
         assert values == rank1["weights"][name], f"{name} differs between ranks"
