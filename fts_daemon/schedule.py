@@ -182,12 +182,40 @@ def _construct_unique_mapping(loader: _StrictLoader, node: yaml.MappingNode, dee
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
 
 
+# Nodes a document may expand to once aliases are followed. Real schedules and configs have a few hundred.
+MAX_EXPANDED_NODES = 200_000
+
+
 def _check_alias_expansion(text: str) -> None:
-    # YAML anchors/aliases can expand exponentially ("billion laughs"). Schedules have no use for them at scale, so
-    # refuse documents where aliases dominate rather than trying to bound the expansion.
-    aliases = len(re.findall(r"(?<![\w'\"])\*[A-Za-z0-9_-]+", text))
-    if aliases > 100:
-        raise ScheduleError([problem(f"YAML uses {aliases} aliases; refusing a possible alias bomb")])
+    """Refuse documents whose aliases expand past MAX_EXPANDED_NODES ("billion laughs").
+
+    Composing keeps aliases as shared references (cheap); only construction expands them, so the expanded size is
+    counted on the composed graph, with memoization, before anything is constructed.
+    """
+    if "*" not in text:
+        return
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return  # the real load reports the syntax error with its position
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        sizes[key] = 1  # cycles (recursive aliases) count once; SafeLoader rejects them later anyway
+        if isinstance(node, yaml.SequenceNode):
+            total = 1 + sum(size(n) for n in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total = 1 + sum(size(k) + size(v) for k, v in node.value)
+        else:
+            total = 1
+        sizes[key] = min(total, MAX_EXPANDED_NODES + 1)
+        return sizes[key]
+
+    if root is not None and size(root) > MAX_EXPANDED_NODES:
+        raise ScheduleError([problem(f"YAML aliases expand to more than {MAX_EXPANDED_NODES} nodes; refusing a possible alias bomb")])
 
 
 def parse_yaml_text(text: str | bytes, source: str = "<schedule>") -> Any:
