@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from fts_daemon.reinit import import_class
 
@@ -147,11 +147,30 @@ class TinyClassifier(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         opt_cls = import_class(self.optimizer_init["class_path"], MODULE_CLASS_PREFIXES)
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = opt_cls(params, **self.optimizer_init.get("init_args", {}))
+        # all parameters, as the seed's module does: FinetuningScheduler then regroups them for phase 0 (with the
+        # ``no_decay`` split), so phase 0 has the same group layout as every later phase
+        optimizer = opt_cls(self.parameters(), **self.optimizer_init.get("init_args", {}))
         sched_cls = import_class(self.lr_scheduler_init["class_path"], MODULE_CLASS_PREFIXES)
         scheduler = sched_cls(optimizer, **self.lr_scheduler_init.get("init_args", {}))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, **self.pl_lrs_cfg}}
+
+
+class EpochShuffle(Sampler[int]):
+    """Shuffles with a seed derived from the epoch (Lightning calls ``set_epoch``), so the data order is a function
+    of the epoch alone and a run resumed from an end-of-epoch checkpoint sees exactly the batches it would have."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=gen).tolist())
+
+    def __len__(self) -> int:
+        return self.n
 
 
 class TinyDataModule(pl.LightningDataModule):
@@ -189,8 +208,8 @@ class TinyDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        gen = torch.Generator().manual_seed(self.seed + 1)
-        return DataLoader(self._train, batch_size=self.batch_size, shuffle=True, generator=gen)
+        assert self._train is not None
+        return DataLoader(self._train, batch_size=self.batch_size, sampler=EpochShuffle(len(self._train), self.seed))
 
     def val_dataloader(self) -> DataLoader:
         self.setup()

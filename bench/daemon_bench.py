@@ -1,0 +1,352 @@
+"""The daemon's costs, measured against baselines taken in the same run.
+
+1. Training throughput: steps/s of ``fts-daemon`` (events published, a live subscriber in another process reading
+   every event) vs plain Lightning on the same config. Runs are interleaved (plain, daemon, daemon, plain, ...) so
+   machine noise hits both alike; the figure is the median of per-pair ratios (also shown: best run vs best run, and
+   the training thread's own CPU time per step, which other processes do not disturb). Target: >= 0.98.
+2. Bus throughput: the highest paced rate of ``lr`` events (8 groups each) that one subscriber process receives with
+   no loss, plus the unpaced burst rate and how much of it arrived.
+3. Per-event cost on the training thread: ``EventBus.publish`` (what the tap calls), against the alternatives:
+   ``queue.Queue.put_nowait`` and an inproc PAIR socket (which needs the event encoded on the training thread).
+
+    python bench/daemon_bench.py              # everything (about 2-3 minutes on 2 cores)
+    python bench/daemon_bench.py --quick      # fewer pairs and rates
+    python bench/daemon_bench.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import queue
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from fts_daemon import events as ev
+from fts_daemon.bus import BusConfig, EventBus
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = REPO / "configs" / "demo_explicit_reinit_lr.yaml"
+LR_DATA = {"lrs": {f"Explicit_Reinit_LR_Scheduler/pg{i}": 1.0e-3 / (i + 1) for i in range(1, 9)}}
+SIZES = {
+    # name: LightningCLI overrides on top of the explicit demo (no step delay)
+    "tiny": ["--model.init_args.hidden=32", "--model.init_args.num_layers=2", "--data.init_args.batch_size=32"],
+    "large": ["--model.init_args.hidden=384", "--model.init_args.num_layers=4", "--data.init_args.batch_size=64"],
+}
+COMMON = ["--model.init_args.step_delay=0", "--trainer.enable_progress_bar=false", "--data.init_args.num_train=4096",
+          "--trainer.enable_model_summary=false"]
+
+
+# --------------------------------------------------------------------------------------------- subscriber process
+
+
+def subscriber(pub: str, expect: int | None, idle: float) -> None:
+    """Count events (decoding each, as a client must), check seq continuity, print a JSON summary."""
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.RCVHWM, 0)
+    sub.setsockopt(zmq.RECONNECT_IVL, 10)  # the daemon binds after we connect: retry quickly
+    sub.setsockopt(zmq.SUBSCRIBE, ev.TOPIC_PREFIX.encode())
+    sub.connect(pub)
+    print(json.dumps({"ready": True}), flush=True)
+    count = gaps = lost = 0
+    last = None
+    first_t = last_t = None
+    while True:
+        if not sub.poll(int(idle * 1000)):
+            break
+        event = ev.decode_event(sub.recv_multipart())
+        now = time.perf_counter()
+        first_t = first_t or now
+        last_t = now
+        if last is not None and event.seq != last + 1:
+            gaps += 1
+            lost += event.seq - last - 1
+        last = event.seq
+        count += 1
+        if event.kind == ev.STATE and event.data.get("state") in ("finished", "failed"):
+            break
+        if expect is not None and count >= expect:
+            break
+    elapsed = (last_t - first_t) if first_t and last_t else 0.0
+    print(json.dumps({"count": count, "gaps": gaps, "lost": lost, "elapsed": elapsed, "last_seq": last}), flush=True)
+
+
+def start_subscriber(pub: str, expect: int | None = None, idle: float = 30.0) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--subscriber", pub, "--expect", str(expect or 0), "--idle", str(idle)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout is not None
+    assert json.loads(proc.stdout.readline())["ready"]
+    return proc
+
+
+def subscriber_result(proc: subprocess.Popen, timeout: float = 120) -> dict[str, Any]:
+    out, _ = proc.communicate(timeout=timeout)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------------------------- 3. per-event cost
+
+
+def per_event_cost(n: int) -> dict[str, float]:
+    """Microseconds per event on the calling (training) thread."""
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="ftsb") as tmp:
+        # EventBus.publish with the I/O thread draining concurrently (what training sees)
+        bus = EventBus(BusConfig(run="b", pub=f"ipc://{tmp}/p", ctl=f"ipc://{tmp}/c", queue_limit=n + 10,
+                                 events_path=Path(tmp) / "events.jsonl", heartbeat_s=60))
+        bus.start()
+        t = time.perf_counter()
+        for i in range(n):
+            bus.publish(ev.LR, LR_DATA, i, 0)
+        out["bus_publish_live"] = (time.perf_counter() - t) / n * 1e6
+        bus.close()
+        # the same call with nothing draining (pure enqueue)
+        idle = EventBus(BusConfig(run="b", pub=f"ipc://{tmp}/p2", ctl=f"ipc://{tmp}/c2", queue_limit=n + 10))
+        t = time.perf_counter()
+        for i in range(n):
+            idle.publish(ev.LR, LR_DATA, i, 0)
+        out["bus_publish_enqueue_only"] = (time.perf_counter() - t) / n * 1e6
+    q: queue.Queue[Any] = queue.Queue(maxsize=n + 10)
+    t = time.perf_counter()
+    for i in range(n):
+        q.put_nowait((ev.LR, LR_DATA, i, 0, time.time()))
+    out["queue_Queue_put_nowait"] = (time.perf_counter() - t) / n * 1e6
+    ctx = zmq.Context()
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    a.setsockopt(zmq.SNDHWM, 0)
+    b.setsockopt(zmq.RCVHWM, 0)
+    b.bind("inproc://bench")
+    a.connect("inproc://bench")
+    drained = threading.Event()
+
+    def drain() -> None:
+        for _ in range(n):
+            b.recv_multipart()
+        drained.set()
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    t = time.perf_counter()
+    for i in range(n):
+        a.send_multipart([b"fts.v1.lr", ev.dumps({"kind": "lr", "step": i, "ts": time.time(), "data": LR_DATA})])
+    out["inproc_PAIR_encode_and_send"] = (time.perf_counter() - t) / n * 1e6
+    drained.wait(60)
+    a.close(0)
+    b.close(0)
+    ctx.term()
+    return out
+
+
+# --------------------------------------------------------------------------------------------- 2. bus throughput
+
+
+def bus_rate(rate: float | None, seconds: float, tmp: str) -> dict[str, Any]:
+    """Publish lr events at ``rate``/s (None: as fast as possible) for ``seconds``; one subscriber process counts."""
+    bus = EventBus(BusConfig(run="b", pub=f"ipc://{tmp}/r.pub", ctl=f"ipc://{tmp}/r.ctl", heartbeat_s=3600,
+                             events_path=Path(tmp) / "rate.jsonl"))
+    pub, _ = bus.start()
+    proc = start_subscriber(pub, idle=5.0)
+    time.sleep(0.5)  # let the subscription reach the PUB socket (slow joiner)
+    n = int((rate or 400_000) * seconds)
+    t0 = time.perf_counter()
+    for i in range(n):
+        if rate is not None and i % 100 == 0:
+            ahead = i / rate - (time.perf_counter() - t0)
+            if ahead > 0:
+                time.sleep(ahead)
+        bus.publish(ev.LR, LR_DATA, i, 0)
+    sent_for = time.perf_counter() - t0
+    bus.publish(ev.STATE, {"state": "finished", "error": None})
+    bus.close(timeout=120)
+    got = subscriber_result(proc)
+    return {
+        "offered_rate": rate,
+        "events": n,
+        "publish_seconds": sent_for,
+        "received": got["count"] - 1,
+        "lost": n - (got["count"] - 1),
+        "dropped_in_queue": bus.dropped,
+        "received_rate": (got["count"] - 1) / got["elapsed"] if got["elapsed"] else 0.0,
+    }
+
+
+def bus_throughput(rates: list[float], seconds: float) -> dict[str, Any]:
+    results = []
+    best = 0.0
+    with tempfile.TemporaryDirectory(prefix="ftsb") as tmp:
+        for rate in rates:
+            r = bus_rate(rate, seconds, tmp)
+            results.append(r)
+            if r["lost"] == 0:
+                best = max(best, r["received_rate"])
+        burst = bus_rate(None, seconds, tmp)
+    return {"paced": results, "max_lossless_rate": best, "burst": burst}
+
+
+# --------------------------------------------------------------------------------------------- 1. training
+
+
+class _Timer:
+    """Steps/s between train start and train end (includes validation, identical on both sides), plus the training
+    thread's own CPU time per step (insensitive to other processes on the machine)."""
+
+    def __init__(self) -> None:
+        from pytorch_lightning.callbacks import Callback
+
+        timer = self
+
+        class TimerCallback(Callback):
+            def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+                timer.t0, timer.c0 = time.perf_counter(), time.thread_time()
+
+            def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+                timer.elapsed = time.perf_counter() - timer.t0
+                timer.cpu = time.thread_time() - timer.c0
+                timer.steps = int(trainer.global_step)
+
+        self.callback = TimerCallback()
+        self.t0 = self.c0 = self.elapsed = self.cpu = 0.0
+        self.steps = 0
+
+    @property
+    def rate(self) -> float:
+        return self.steps / self.elapsed
+
+    @property
+    def cpu_us_per_step(self) -> float:
+        return self.cpu / self.steps * 1e6
+
+
+def plain_run(overrides: list[str], tmp: str) -> _Timer:
+    from fts_daemon.runner import build_from_config, find_fts_callback, resolve_schedule_path
+
+    timer = _Timer()
+    built = build_from_config([DEMO], overrides, trainer_defaults={"default_root_dir": tmp}, callbacks=[timer.callback])
+    resolve_schedule_path(find_fts_callback(built.trainer), [DEMO])
+    built.trainer.fit(built.model, datamodule=built.datamodule)
+    return timer
+
+
+def daemon_run(overrides: list[str], tmp: str, run: str) -> tuple[_Timer, dict[str, Any]]:
+    from fts_daemon import registry
+    from fts_daemon.runner import Daemon, StartOptions
+
+    timer = _Timer()
+    pub, _ = registry.ipc_endpoints(run)
+    proc = start_subscriber(pub, idle=120.0)
+    with open(os.devnull, "w") as devnull:
+        daemon = Daemon(StartOptions(configs=[str(DEMO)], run=run, run_dir=Path(tmp) / run, progress=False,
+                                     overrides=overrides, install_signals=False, out=devnull,
+                                     callbacks=[timer.callback]))
+        rc = daemon.run()
+    assert rc == 0, daemon.error
+    return timer, subscriber_result(proc)
+
+
+def training(pairs: int, sizes: list[str], epochs: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for size in sizes:
+        overrides = [*COMMON, *SIZES[size], f"--trainer.max_epochs={epochs}"]
+        plain, daemon, ratios, subs, cpu_plain, cpu_daemon = [], [], [], [], [], []
+        with tempfile.TemporaryDirectory(prefix="ftsb") as tmp:
+            os.environ["FTS_RUNTIME_DIR"] = tmp
+            plain_run(overrides, tmp)  # warm-up: imports, allocator, caches
+            for i in range(pairs):
+                if i % 2 == 0:  # alternate the order (ABBA) so a drift in machine load does not favour one side
+                    p = plain_run(overrides, tmp)
+                    d, sub = daemon_run(overrides, tmp, f"bench-{size}-{i}")
+                else:
+                    d, sub = daemon_run(overrides, tmp, f"bench-{size}-{i}")
+                    p = plain_run(overrides, tmp)
+                plain.append(p.rate)
+                daemon.append(d.rate)
+                ratios.append(d.rate / p.rate)
+                cpu_plain.append(p.cpu_us_per_step)
+                cpu_daemon.append(d.cpu_us_per_step)
+                subs.append(sub)
+                print(f"  {size} pair {i + 1}/{pairs}: plain {p.rate:7.1f} steps/s, daemon {d.rate:7.1f} steps/s, "
+                      f"ratio {d.rate / p.rate:.3f}; training-thread CPU {p.cpu_us_per_step:6.0f} vs "
+                      f"{d.cpu_us_per_step:6.0f} us/step; subscriber got {sub['count']} events ({sub['lost']} lost)",
+                      flush=True)
+        out[size] = {
+            "plain_steps_per_s": statistics.median(plain),
+            "daemon_steps_per_s": statistics.median(daemon),
+            "ratio_median": statistics.median(ratios),
+            "ratio_best": max(daemon) / max(plain),
+            "ratios": ratios,
+            "train_thread_cpu_us_per_step_plain": statistics.median(cpu_plain),
+            "train_thread_cpu_us_per_step_daemon": statistics.median(cpu_daemon),
+            "subscriber_events": [s["count"] for s in subs],
+            "subscriber_lost": sum(s["lost"] for s in subs),
+        }
+    return out
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--pairs", type=int)
+    parser.add_argument("--sizes", default="tiny,large")
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--subscriber", help=argparse.SUPPRESS)
+    parser.add_argument("--expect", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--idle", type=float, default=30.0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.subscriber:
+        subscriber(args.subscriber, args.expect or None, args.idle)
+        return 0
+    warnings.filterwarnings("ignore")
+    import pytorch_lightning  # noqa: F401 - it sets its loggers' levels on import; quiet them after
+
+    for name in ("pytorch_lightning", "lightning_fabric", "fts_daemon"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    pairs = args.pairs or (3 if args.quick else 5)
+    results: dict[str, Any] = {}
+
+    print("3. per-event cost on the training thread (us/event, 8-group lr event)", flush=True)
+    results["per_event_us"] = per_event_cost(50_000 if args.quick else 200_000)
+    for k, v in results["per_event_us"].items():
+        print(f"  {k:32} {v:7.2f}")
+
+    print("2. bus throughput to one subscriber process", flush=True)
+    rates = [2_000, 10_000, 20_000] if args.quick else [2_000, 10_000, 20_000, 40_000, 60_000, 80_000]
+    results["bus"] = bus_throughput(rates, 1.0 if args.quick else 2.0)
+    for r in results["bus"]["paced"]:
+        print(f"  offered {r['offered_rate']:>8,.0f}/s: received {r['received']:>8,} at {r['received_rate']:>9,.0f}/s, "
+              f"lost {r['lost']}")
+    b = results["bus"]["burst"]
+    print(f"  unpaced burst: {b['events']:,} published in {b['publish_seconds']:.2f}s, received {b['received']:,} "
+          f"({b['received_rate']:,.0f}/s), lost {b['lost']:,} ({b['dropped_in_queue']:,} at the bounded queue)")
+    print(f"  max lossless rate: {results['bus']['max_lossless_rate']:,.0f} events/s")
+
+    print("1. training steps/s: daemon with a live subscriber vs plain Lightning (target ratio >= 0.98)", flush=True)
+    results["training"] = training(pairs, args.sizes.split(","), epochs=3 if args.quick else 4)
+    for size, r in results["training"].items():
+        extra = r["train_thread_cpu_us_per_step_daemon"] - r["train_thread_cpu_us_per_step_plain"]
+        print(f"  {size:6} plain {r['plain_steps_per_s']:7.1f} steps/s  daemon {r['daemon_steps_per_s']:7.1f} steps/s  "
+              f"ratio: median of pairs {r['ratio_median']:.3f}, best vs best {r['ratio_best']:.3f}; "
+              f"training thread +{extra:.0f} us/step CPU; subscriber lost {r['subscriber_lost']} events")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Client side of protocol v1: a blocking control client and the Clone-pattern bookkeeping.
+
+Torch-free. :class:`CloneTracker` is pure (no sockets), so any client -- the blocking :class:`Follower` here, or an
+asyncio one in a TUI -- can share the rules for combining a snapshot with the live stream:
+
+1. subscribe first, buffering events;
+2. ask ``snapshot``; it is current to ``seq`` N of daemon D;
+3. drop buffered and live events with ``seq`` <= N, apply ``seq`` == N+1, N+2, ...;
+4. a ``seq`` gap or an event from another daemon id means events were lost (or the daemon restarted): snapshot again.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from fts_daemon import events as ev
+
+
+class ControlError(RuntimeError):
+    """An error reply (its one-line message) or no reply in time."""
+
+
+@dataclass
+class CurveClientKeys:
+    """Keys for a daemon bound with CURVE: the server's public key and this client's key pair (Z85 bytes)."""
+
+    server_public: bytes
+    public: bytes
+    secret: bytes
+
+    def apply(self, sock: zmq.Socket) -> None:
+        sock.curve_serverkey = self.server_public
+        sock.curve_publickey = self.public
+        sock.curve_secretkey = self.secret
+
+
+class Control:
+    """A DEALER connected to a daemon's ROUTER: ``request(op, **args)`` returns the result or raises ControlError.
+
+    Replies are matched by ``id``, so a late reply to an earlier, timed-out request is skipped rather than taken as
+    the answer to the current one.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        timeout: float = 5.0,
+        context: zmq.Context | None = None,
+        curve: CurveClientKeys | None = None,
+    ):
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self._own_ctx = context is None
+        self.context = context or zmq.Context()
+        self.sock = self.context.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve.apply(self.sock)
+        self.sock.connect(endpoint)
+        self._ids = itertools.count(1)
+
+    def request(self, op: str, timeout: float | None = None, **args: Any) -> Any:
+        req_id = next(self._ids)
+        self.sock.send(ev.request(op, req_id, **args))
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.sock.poll(int(left * 1000)):
+                raise ControlError(f"no reply to {op!r} from {self.endpoint} within {self.timeout:g}s")
+            got_id, ok, payload = ev.parse_reply(self.sock.recv())
+            if got_id != req_id:
+                continue
+            if not ok:
+                raise ControlError(str(payload))
+            return payload
+
+    def close(self) -> None:
+        self.sock.close(0)
+        if self._own_ctx:
+            self.context.term()
+
+    def __enter__(self) -> Control:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class CloneTracker:
+    """Decides, per received event, whether to apply it, skip it, or re-snapshot (no I/O)."""
+
+    APPLY, SKIP, BUFFER, RESNAPSHOT = "apply", "skip", "buffer", "resnapshot"
+
+    def __init__(self) -> None:
+        self.seq: int | None = None
+        self.daemon: str | None = None
+        self.buffer: list[ev.Event] = []
+        self.gaps = 0
+
+    def on_event(self, event: ev.Event) -> str:
+        if self.seq is None:
+            self.buffer.append(event)
+            return self.BUFFER
+        if event.daemon != self.daemon:
+            return self._lost()
+        if event.seq <= self.seq:
+            return self.SKIP
+        if event.seq != self.seq + 1:
+            return self._lost()
+        self.seq = event.seq
+        return self.APPLY
+
+    def _lost(self) -> str:
+        self.gaps += 1
+        self.seq = None
+        self.buffer = []
+        return self.RESNAPSHOT
+
+    def on_snapshot(self, snapshot: dict[str, Any]) -> list[ev.Event]:
+        """Take a snapshot; return the buffered events to apply after it (raises nothing: a gap re-arms)."""
+        self.seq, self.daemon = int(snapshot["seq"]), str(snapshot["daemon"])
+        pending, self.buffer = self.buffer, []
+        out = []
+        for event in pending:
+            verdict = self.on_event(event)
+            if verdict == self.APPLY:
+                out.append(event)
+            elif verdict == self.RESNAPSHOT:
+                return []
+        return out
+
+
+class Follower:
+    """Blocking Clone-pattern subscriber: yields ``("snapshot", dict)`` then ``("event", Event)``, re-snapshotting
+    by itself after a gap. Tests, the CLI and small scripts use it; GUIs use CloneTracker with their own loop."""
+
+    def __init__(
+        self,
+        pub: str,
+        ctl: str,
+        topics: tuple[str, ...] = (ev.TOPIC_PREFIX,),
+        curve: CurveClientKeys | None = None,
+        rcvhwm: int = 100000,
+    ):
+        self.context = zmq.Context()
+        self.sub = self.context.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.setsockopt(zmq.RCVHWM, rcvhwm)
+        if curve is not None:
+            curve.apply(self.sub)
+        for topic in topics:
+            self.sub.setsockopt(zmq.SUBSCRIBE, topic.encode("ascii"))
+        self.sub.connect(pub)
+        self.control = Control(ctl, context=self.context, curve=curve)
+        self.tracker = CloneTracker()
+        self.snapshots = 0
+
+    def _recv(self, timeout: float) -> ev.Event | None:
+        if not self.sub.poll(int(timeout * 1000)):
+            return None
+        return ev.decode_event(self.sub.recv_multipart())
+
+    def follow(self, timeout: float = 30.0, settle: float = 0.2) -> Iterator[tuple[str, Any]]:
+        """Run until ``timeout`` seconds pass without any event. ``settle``: how long to wait for the first event
+        before the first snapshot (the SUB connection is asynchronous; snapshotting before it is live only costs a
+        second snapshot)."""
+        first = self._recv(settle)
+        if first is not None:
+            self.tracker.on_event(first)
+        while True:
+            if self.tracker.seq is None:
+                snapshot = self.control.request("snapshot")
+                self.snapshots += 1
+                replay = self.tracker.on_snapshot(snapshot)
+                yield "snapshot", snapshot
+                for event in replay:
+                    yield "event", event
+                if self.tracker.seq is None:
+                    continue
+            event = self._recv(timeout)
+            if event is None:
+                return
+            if self.tracker.on_event(event) == CloneTracker.APPLY:
+                yield "event", event
+
+    def close(self) -> None:
+        self.sub.close(0)
+        self.control.close()
+        self.context.term()
+
+    def __enter__(self) -> Follower:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

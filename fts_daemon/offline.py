@@ -1,0 +1,140 @@
+"""``fts-daemon validate`` and ``plan``: everything the engine checks, without a single training step.
+
+Both build the run exactly as ``start`` would (same LightningCLI parsing and instantiation) and call ``fit`` with a
+callback placed after the FinetuningScheduler that stops in ``on_fit_start``: by then the schedule was parsed,
+resolved, validated with simulated group counts and dry-run instantiation (``setup``), and checked against the real
+optimizer (phase-0 groups, supported scheduler, one optimizer). No dataloader has been iterated.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from fts_daemon.runner import ConfigError, build_from_config, find_fts_callback, one_line, resolve_schedule_path
+
+QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+class _Checked(Exception):
+    """Raised from on_fit_start to leave ``fit`` once everything has been checked."""
+
+
+@dataclass
+class CheckResult:
+    ok: bool
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    phases: list[dict[str, Any]] = field(default_factory=list)  # the schedule payload's phases
+    groups: list[list[str]] = field(default_factory=list)  # simulated group labels per phase
+    max_depth: int | None = None
+    plan: dict[str, Any] | None = None
+    table: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _steps_per_epoch(trainer: Any, model: Any, datamodule: Any) -> int:
+    source = datamodule if datamodule is not None else model
+    batches = len(source.train_dataloader())
+    limit = trainer.limit_train_batches
+    if isinstance(limit, int):
+        batches = min(batches, limit)
+    elif isinstance(limit, float):
+        batches = int(batches * limit)
+    return max(1, math.ceil(batches / max(1, int(trainer.accumulate_grad_batches))))
+
+
+def check_config(
+    configs: Sequence[str | os.PathLike[str]],
+    overrides: Sequence[str] = (),
+    plan: bool = False,
+    transition_epochs: Mapping[int, int] | None = None,
+    steps_per_epoch: int | None = None,
+    max_epochs: int | None = None,
+) -> CheckResult:
+    """Validate a config like ``start`` would, training nothing; with ``plan`` also simulate its LRs."""
+    import pytorch_lightning  # noqa: F401 - importing it sets its loggers to INFO; lower them afterwards
+
+    chatty = [logging.getLogger(name) for name in ("pytorch_lightning", "lightning_fabric")]
+    levels = [lg.level for lg in chatty]
+    for lg in chatty:  # "GPU available", "Seed set": noise for a command that prints a verdict
+        lg.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the engine's warnings are collected and reported in the result
+            return _check(configs, overrides, plan, transition_epochs, steps_per_epoch, max_epochs)
+    finally:
+        for lg, level in zip(chatty, levels):
+            lg.setLevel(level)
+
+
+def _check(
+    configs: Sequence[str | os.PathLike[str]],
+    overrides: Sequence[str],
+    plan: bool,
+    transition_epochs: Mapping[int, int] | None,
+    steps_per_epoch: int | None,
+    max_epochs: int | None,
+) -> CheckResult:
+    from pytorch_lightning.callbacks import Callback
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+    from fts_daemon.callback import FTSConfigError
+
+    result = CheckResult(ok=False)
+    warnings_seen: list[str] = []
+    captured: dict[str, Any] = {}
+
+    class StopAfterChecks(Callback):
+        def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+            fts = find_fts_callback(trainer)
+            captured["fts"] = fts
+            if plan:
+                steps = steps_per_epoch or _steps_per_epoch(trainer, pl_module, trainer.datamodule)
+                epochs = max_epochs or int(trainer.fit_loop.max_epochs or 1)
+                captured["plan"] = fts.plan(steps, epochs, transition_epochs=transition_epochs)
+            raise _Checked()
+
+    with tempfile.TemporaryDirectory(prefix="fts-validate-") as tmp:
+        try:
+            built = build_from_config(
+                configs, [*QUIET, *overrides], trainer_defaults={"default_root_dir": tmp}, callbacks=[StopAfterChecks()]
+            )
+            fts = find_fts_callback(built.trainer)
+            resolve_schedule_path(fts, configs)
+            fts.listeners.append(lambda kind, payload: warnings_seen.append(str(payload.get("message")))
+                                 if kind == "warning" else None)
+            built.trainer.fit(built.model, datamodule=built.datamodule)
+        except _Checked:
+            pass
+        except FTSConfigError as err:
+            result.problems = list(err.problems)
+            return result
+        except (ConfigError, MisconfigurationException) as err:
+            result.problems = [line for line in str(err).splitlines() if line.strip()]
+            return result
+        except Exception as err:  # a model or datamodule that fails to set up is a config problem here
+            result.problems = [f"{type(err).__name__}: {one_line(err)}"]
+            return result
+    fts = captured.get("fts")
+    if fts is None:
+        result.problems = ["the run never reached fit start (nothing was checked)"]
+        return result
+    payload = fts.schedule_payload()
+    result.ok = True
+    result.warnings = warnings_seen
+    result.phases = payload["phases"]
+    result.groups = payload.get("groups", [])
+    result.max_depth = payload.get("max_depth")
+    if "plan" in captured:
+        result.plan = captured["plan"].to_dict()
+        result.table = captured["plan"].table()
+    return result

@@ -1,0 +1,228 @@
+"""``DaemonTap``: the Lightning callback that turns a training run into bus events and obeys ``stop``.
+
+Everything here runs on the training thread and only *enqueues* (``EventBus.publish`` never blocks). Per optimizer
+step it publishes one ``lr`` event holding every group under LearningRateMonitor's tag names; train metrics follow
+at Lightning's ``log_every_n_steps`` cadence (the points TensorBoard gets) and at epoch end; validation metrics
+after each validation run. The
+FinetuningScheduler's own notifications (schedule, transition, warning) are forwarded through its ``listeners``,
+and queued edits are applied from its ``before_transition`` hook.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback
+
+from fts_daemon import events as ev
+from fts_daemon.callback import FinetuningScheduler
+from fts_daemon.edits import EditQueue
+
+Publish = Callable[..., Any]
+
+
+def find_fts(trainer: pl.Trainer) -> FinetuningScheduler | None:
+    for cb in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(cb, FinetuningScheduler):
+            return cb
+    return None
+
+
+def _scalar(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):  # non-scalar tensors and other objects are not metrics we can plot
+        return None
+
+
+class DaemonTap(Callback):
+    """Publishes training as events. Put it after the FinetuningScheduler in ``trainer.callbacks``.
+
+    ``stop_event``: when set, the run stops after the current step (or, with ``stop_at_epoch_end`` set, after the
+    current epoch and its validation) and a resumable checkpoint is written to ``checkpoint_dir``
+    (``checkpoint_path`` tells where). An end-of-epoch checkpoint resumes exactly; a mid-epoch one resumes at the
+    next batch, with the rest of that epoch drawn afresh unless the dataloader is resumable (Lightning warns).
+    """
+
+    def __init__(
+        self,
+        publish: Publish,
+        edits: EditQueue | None = None,
+        stop_event: threading.Event | None = None,
+        checkpoint_dir: Path | None = None,
+        on_train_start: Callable[[], None] | None = None,
+    ):
+        super().__init__()
+        # called when training starts, after Lightning installed its own signal handlers (the daemon replaces them
+        # so SIGTERM means "stop gracefully" rather than Lightning's immediate exit)
+        self._on_train_start = on_train_start
+        self.publish = publish
+        self.edits = edits
+        self.stop_event = stop_event or threading.Event()
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_path: Path | None = None
+        self.stopped = False
+        self.stop_at_epoch_end = threading.Event()
+        self.fts: FinetuningScheduler | None = None
+        self._tag_key: tuple[int | None, ...] | None = None
+        self._tags: list[str] = []
+        self._seen: dict[str, float] = {}  # metric name -> last published value
+        self._stage: dict[str, str] = {}  # metric name -> "train" or "val" (the stage that first logged it)
+
+    @property
+    def state_key(self) -> str:
+        return "DaemonTap"
+
+    # ------------------------------------------------------------------------------------------ wiring
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        fts = find_fts(trainer)
+        if fts is not None and fts is not self.fts:
+            self.fts = fts
+            fts.listeners.append(self._on_fts)
+            if self.edits is not None:
+                fts.before_transition.append(self._before_transition)
+
+    def _on_fts(self, kind: str, payload: dict[str, Any]) -> None:
+        trainer = self.fts.trainer if self.fts is not None else None
+        step = int(trainer.global_step) if trainer is not None else None
+        epoch = int(trainer.current_epoch) if trainer is not None else None
+        if kind == "schedule":
+            if self.edits is not None:
+                self.edits.on_schedule(payload)
+            else:
+                self.publish(ev.SCHEDULE, payload, step, epoch)
+        elif kind == "transition":
+            data = dict(payload)
+            if trainer is not None and trainer.optimizers:
+                data["groups"] = list(self._lr_tags(trainer))
+            self.publish(ev.TRANSITION, data, step, epoch)
+            self.publish(ev.STATE, {"state": "training", "error": None}, step, epoch)
+        elif kind == "warning":
+            self.publish(ev.LOG, {"level": "warning", "message": str(payload.get("message", ""))}, step, epoch)
+
+    def _before_transition(self, fts: FinetuningScheduler, next_depth: int) -> None:
+        trainer = fts.trainer
+        step = int(trainer.global_step) if trainer is not None else None
+        self.publish(ev.STATE, {"state": "transition", "error": None, "to": next_depth}, step)
+        assert self.edits is not None
+        self.edits.apply_for(fts, next_depth)
+
+    # ------------------------------------------------------------------------------------------ hooks
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # runs after the FinetuningScheduler's on_fit_start: phase-0 groups and any resumed schedule are in place
+        if self.edits is not None and self.fts is not None and self.fts.schedule is not None:
+            self.edits.attach(self.fts, pl_module, len(trainer.optimizers[0].param_groups))
+        self.publish(ev.STATE, {"state": "training", "error": None}, int(trainer.global_step),
+                     int(trainer.current_epoch))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._on_train_start is not None:
+            self._on_train_start()
+
+    def _lr_tags(self, trainer: pl.Trainer) -> list[str]:
+        optimizer = trainer.optimizers[0]
+        configs = trainer.lr_scheduler_configs
+        groups = optimizer.param_groups
+        # tags change only when a transition adds groups or installs a new scheduler config / optimizer (new
+        # objects), so identity and length are enough to know the cached names still hold
+        key = (id(optimizer), id(configs[0]) if configs else None, len(groups))
+        if key != self._tag_key:
+            self._tag_key = key
+            name = configs[0].name if configs else None
+            self._tags = ev.lr_tag_names(name, type(optimizer).__name__, [g.get("name") for g in groups])
+        return self._tags
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if not trainer.optimizers:
+            return
+        # the LRs this optimizer step uses (LearningRateMonitor logs the same values at this point)
+        tags = self._lr_tags(trainer)
+        lrs = {tag: float(g["lr"]) for tag, g in zip(tags, trainer.optimizers[0].param_groups)}
+        self.publish(ev.LR, {"lrs": lrs}, int(trainer.global_step), int(trainer.current_epoch))
+
+    def _changed_metrics(self, trainer: pl.Trainer, stage: str) -> dict[str, float]:
+        """Metrics whose value changed since last published, classified by the stage that first logged them.
+
+        Lightning rebuilds ``callback_metrics`` on access and keeps validation values in it during training, so
+        neither identity nor presence says what was just logged; value changes do. Known validation metrics are
+        reported after every validation run even when their value repeats.
+        """
+        out = {}
+        for name, value in trainer.callback_metrics.items():
+            scalar = _scalar(value)
+            if scalar is None:
+                continue
+            known = self._stage.setdefault(name, stage)
+            if known != stage:
+                continue
+            previous = self._seen.get(name)
+            if stage == "train" and previous is not None and (previous == scalar or previous != previous):
+                continue
+            self._seen[name] = scalar
+            out[name] = scalar
+        return out
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # reading callback_metrics makes Lightning recompute them (the costliest part of a step's events), so
+        # train metrics follow Lightning's own cadence: the points loggers (TensorBoard) get, log_every_n_steps
+        stopping = self.stop_event.is_set() and not self.stop_at_epoch_end.is_set()
+        if stopping or trainer.global_step % max(1, int(trainer.log_every_n_steps)) == 0:
+            self._publish_metrics(trainer, "train")
+        if stopping and not self.stopped:
+            self._stop(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._publish_metrics(trainer, "train")
+        if self.stop_event.is_set() and not self.stopped:  # stop_at_epoch_end: validation has run
+            self._stop(trainer)
+
+    def _publish_metrics(self, trainer: pl.Trainer, stage: str) -> None:
+        metrics = self._changed_metrics(trainer, stage)
+        if metrics:
+            self.publish(ev.METRIC, {"metrics": metrics, "stage": stage}, int(trainer.global_step),
+                         int(trainer.current_epoch))
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # anything new in callback_metrics from here on was logged by validation
+        for name in trainer.callback_metrics:
+            self._stage.setdefault(name, "train")
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:  # not results, but it tells which names validation logs
+            for name in trainer.callback_metrics:
+                self._stage.setdefault(name, "val")
+            return
+        self._publish_metrics(trainer, "val")
+
+    def _stop(self, trainer: pl.Trainer) -> None:
+        """Finish after this step: write a checkpoint now (mid-epoch, so a resume continues at the next batch)."""
+        self.stopped = True
+        trainer.should_stop = True
+        step, epoch = int(trainer.global_step), int(trainer.current_epoch)
+        self.publish(ev.STATE, {"state": "stopping", "error": None}, step, epoch)
+        if self.checkpoint_dir is not None:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            path = self.checkpoint_dir / f"stop-epoch={epoch}-step={step}.ckpt"
+            trainer.save_checkpoint(path)
+            self.checkpoint_path = path
+            self.publish(ev.LOG, {"level": "info", "message": f"checkpoint written to {path}"}, step, epoch)
+
+    # ------------------------------------------------------------------------------------------ checkpoint
+
+    def state_dict(self) -> dict[str, Any]:
+        # pending edits travel with the checkpoint too (the journal in the run dir stays the authority)
+        return self.edits.state_dict() if self.edits is not None else {}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        if self.edits is not None:
+            self.edits.carry(list(state_dict.get("edits", [])))

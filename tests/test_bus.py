@@ -1,0 +1,292 @@
+"""The event bus on real ZeroMQ sockets (ipc in a private dir, tcp on 127.0.0.1): no Trainer involved."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import zmq
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fts_daemon import events as ev
+from fts_daemon.bus import BindRefused, BusConfig, CurveKeys, Downsampler, EventBus, OpError, check_endpoint
+from fts_daemon.client import CloneTracker, Control, ControlError, CurveClientKeys, Follower
+
+from .daemon_support import private_runtime_dir, read_events, wait_for
+
+
+@pytest.fixture
+def rt(monkeypatch: pytest.MonkeyPatch):
+    with private_runtime_dir(monkeypatch) as path:
+        yield path
+
+
+def make_bus(rt: Path, tmp_path: Path, **kw) -> EventBus:
+    cfg = BusConfig(run="t", pub=f"ipc://{rt}/t.pub", ctl=f"ipc://{rt}/t.ctl", events_path=tmp_path / "events.jsonl",
+                    **kw)
+    bus = EventBus(cfg)
+    bus.start()
+    return bus
+
+
+def drained(bus: EventBus, seq: int) -> bool:
+    return bus.seq >= seq and bus._queue.empty()
+
+
+def test_events_arrive_in_order_and_match_the_jsonl(rt: Path, tmp_path: Path) -> None:
+    bus = make_bus(rt, tmp_path, heartbeat_s=60)
+    try:
+        with Follower(*bus.endpoints) as follower:
+            stream = follower.follow(timeout=2.0)
+            kind, snap = next(stream)
+            assert kind == "snapshot" and snap["run"] == "t" and snap["daemon"] == bus.daemon
+            for step in range(300):
+                bus.publish(ev.LR, {"lrs": {"lr-AdamW/pg1": 0.1 / (step + 1)}}, step, step // 10)
+                if step % 50 == 0:
+                    bus.publish(ev.METRIC, {"metrics": {"val_loss": 1.0 / (step + 1)}, "stage": "val"}, step, 0)
+            bus.publish(ev.STATE, {"state": "finished", "error": None})
+            got = []
+            for kind, item in stream:
+                assert kind == "event"
+                got.append(item)
+                if item.kind == ev.STATE:
+                    break
+    finally:
+        bus.close()
+    seqs = [e.seq for e in got]
+    assert seqs == list(range(snap["seq"] + 1, snap["seq"] + 1 + len(got)))
+    assert [e.step for e in got if e.kind == ev.LR] == list(range(300))
+    on_disk = read_events(tmp_path / "events.jsonl")
+    assert [e.seq for e in on_disk] == list(range(1, len(on_disk) + 1))
+    assert [e.to_dict() for e in on_disk if e.seq > snap["seq"]] == [e.to_dict() for e in got]
+
+
+def test_late_subscriber_gets_bounded_snapshot_then_a_gap_free_stream(rt: Path, tmp_path: Path) -> None:
+    bus = make_bus(rt, tmp_path, heartbeat_s=60, history_points=64)
+    try:
+        bus.publish(ev.STATE, {"state": "training", "error": None})
+        bus.publish(ev.SCHEDULE, {"phases": [{"index": 0, "state": "current"}], "depth": 0, "max_depth": 1})
+        for step in range(1000):
+            bus.publish(ev.LR, {"lrs": {"a": float(step), "b": 2.0 * step}}, step, 0)
+            bus.publish(ev.METRIC, {"metrics": {"train_loss": 1.0 / (step + 1)}, "stage": "train"}, step, 0)
+        bus.publish(ev.EDIT, {"edit": {"id": "e1", "phase": 1, "status": "queued"}})
+        bus.publish(ev.LOG, {"level": "warning", "message": "careful"})
+        wait_for(lambda: drained(bus, 2004))
+        with Follower(*bus.endpoints) as follower:
+            stream = follower.follow(timeout=2.0)
+            kind, snap = next(stream)
+            assert kind == "snapshot"
+            assert snap["seq"] == bus.seq and snap["state"] == "training"
+            assert snap["schedule"]["depth"] == 0
+            assert [e["id"] for e in snap["edits"]] == ["e1"]
+            assert snap["logs"][-1]["message"] == "careful"
+            for tag in ("a", "b"):
+                points = snap["lr"][tag]
+                assert len(points) <= 65  # bounded: history_points plus the newest point
+                assert points[0][0] == 0 and points[-1][0] == 999  # first and latest steps kept
+            assert snap["metrics"]["train_loss"]["points"][-1][0] == 999
+            for step in range(1000, 1100):
+                bus.publish(ev.LR, {"lrs": {"a": float(step)}}, step, 1)
+            steps = []
+            for kind, item in stream:
+                assert kind == "event"
+                if item.kind == ev.LR:
+                    steps.append(item.step)
+                if len(steps) == 100:
+                    break
+            assert steps == list(range(1000, 1100))
+            assert follower.tracker.gaps == 0
+    finally:
+        bus.close()
+
+
+def test_malformed_requests_get_errors_and_the_bus_keeps_serving(rt: Path, tmp_path: Path) -> None:
+    bus = make_bus(rt, tmp_path, heartbeat_s=60)
+
+    def boom(args: dict) -> None:
+        raise RuntimeError("handler exploded")
+
+    def refuse(args: dict) -> None:
+        raise OpError("no such edit")
+
+    bus.register("cancel_edit", refuse, ("edit_id",))
+    bus.register("list_edits", boom)
+    ctx = zmq.Context()
+    try:
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.connect(bus.endpoints[1])
+
+        def ask(*frames: bytes) -> dict:
+            dealer.send_multipart(list(frames))
+            assert dealer.poll(3000), "no reply"
+            return json.loads(dealer.recv())
+
+        assert ask(b"{not json")["ok"] is False
+        assert "unknown op" in ask(ev.dumps({"id": 1, "op": "rm -rf"}))["error"]
+        assert ask(ev.dumps({"id": [1], "op": "hello"}))["ok"] is False
+        assert ask(ev.dumps({"id": 2, "op": 7}))["ok"] is False
+        assert ask(ev.dumps([1, 2, 3]))["ok"] is False
+        assert ask(b"\xff\xfe")["ok"] is False
+        assert "exactly one JSON frame" in ask(b"a", b"b", b"c")["error"]
+        reply = ask(ev.dumps({"id": "x", "op": "cancel_edit", "edit_id": "e9"}))
+        assert reply == {"id": "x", "ok": False, "error": "no such edit"}
+        assert "handler exploded" in ask(ev.dumps({"id": 3, "op": "list_edits"}))["error"]
+        assert "not available" in ask(ev.dumps({"id": 4, "op": "stop"}))["error"]
+        assert "unknown argument 'edit'" in ask(ev.dumps({"id": 5, "op": "cancel_edit", "edit": "e1"}))["error"]
+        assert ask(ev.dumps({"id": 6, "op": "hello", "client": "tui"}))["ok"] is True
+        # a frame beyond the size limit is never read: ZeroMQ drops that peer, others are unaffected
+        big = ctx.socket(zmq.DEALER)
+        big.connect(bus.endpoints[1])
+        big.send(b"x" * (ev.MAX_REQUEST_BYTES + 10_000))
+        assert not big.poll(500)
+        big.close(0)
+        # REQ clients (lockstep) are answered too
+        req = ctx.socket(zmq.REQ)
+        req.connect(bus.endpoints[1])
+        req.send(ev.request("hello", 5))
+        assert req.poll(3000)
+        assert json.loads(req.recv())["result"]["run"] == "t"
+        req.close(0)
+        assert ask(ev.request("hello", 6))["result"]["daemon"] == bus.daemon
+        dealer.close(0)
+        before = bus.seq
+        bus.publish(ev.LOG, {"level": "info", "message": "still alive"})
+        wait_for(lambda: bus.seq > before)
+    finally:
+        ctx.term()
+        bus.close()
+
+
+def test_full_queue_drops_only_lossy_events_and_leaves_a_seq_gap(rt: Path, tmp_path: Path) -> None:
+    cfg = BusConfig(run="t", pub=f"ipc://{rt}/q.pub", ctl=f"ipc://{rt}/q.ctl", events_path=tmp_path / "events.jsonl",
+                    queue_limit=10, heartbeat_s=60)
+    bus = EventBus(cfg)  # not started yet: nothing drains, so the queue fills
+    accepted = [bus.publish(ev.LR, {"lrs": {"a": 1.0}}, i) for i in range(25)]
+    assert accepted.count(True) == 10 and bus.dropped == 15
+    assert bus.publish(ev.STATE, {"state": "training", "error": None})  # rare kinds are never dropped
+    bus.start()
+    bus.close()
+    events = read_events(tmp_path / "events.jsonl")
+    seqs = [e.seq for e in events]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert seqs[-1] - len(seqs) == 15  # the dropped events' numbers were skipped: subscribers see the gap
+    assert any(e.kind == ev.LOG and "15 lr/metric events dropped" in e.data["message"] for e in events)
+    assert events[-1].kind == ev.STATE
+
+
+def test_slow_subscriber_detects_the_gap_and_resnapshots(rt: Path, tmp_path: Path) -> None:
+    bus = make_bus(rt, tmp_path, heartbeat_s=60, sndhwm=50)
+    try:
+        with Follower(*bus.endpoints, rcvhwm=50) as follower:
+            stream = follower.follow(timeout=2.0)
+            assert next(stream)[0] == "snapshot"
+            for step in range(20000):  # nobody reads meanwhile: PUB and SUB queues overflow
+                bus.publish(ev.LR, {"lrs": {"a": float(step)}}, step)
+            wait_for(lambda: drained(bus, 20000), timeout=60)
+            bus.publish(ev.STATE, {"state": "finished", "error": None})
+            kinds = []
+            for kind, item in stream:
+                kinds.append(kind)
+                if kind == "event" and item.kind == ev.STATE:
+                    break
+            assert follower.tracker.gaps >= 1 and kinds.count("snapshot") >= 1
+            assert follower.snapshots >= 2
+    finally:
+        bus.close()
+
+
+def test_clone_tracker_rules() -> None:
+    def event(seq: int, daemon: str = "d1") -> ev.Event:
+        return ev.Event(kind=ev.LR, seq=seq, ts=0.0, run="r", daemon=daemon)
+
+    t = CloneTracker()
+    assert t.on_event(event(5)) == t.BUFFER
+    assert t.on_event(event(7)) == t.BUFFER
+    assert [e.seq for e in t.on_snapshot({"seq": 6, "daemon": "d1"})] == [7]
+    assert t.on_event(event(7)) == t.SKIP
+    assert t.on_event(event(8)) == t.APPLY
+    assert t.on_event(event(10)) == t.RESNAPSHOT and t.seq is None
+    t.on_snapshot({"seq": 10, "daemon": "d1"})
+    assert t.on_event(event(11, "d2")) == t.RESNAPSHOT  # a restarted daemon numbers from 1 again
+
+
+def test_heartbeat_when_idle_and_hello(rt: Path, tmp_path: Path) -> None:
+    bus = make_bus(rt, tmp_path, heartbeat_s=0.05, info={"pid": 1234, "run_dir": "/x"})
+    try:
+        with Control(bus.endpoints[1]) as ctl:
+            wait_for(lambda: any(e.kind == ev.HEARTBEAT for e in read_events(tmp_path / "events.jsonl")))
+            hello = ctl.request("hello")
+        assert hello["pid"] == 1234 and hello["protocol"] == ev.PROTOCOL_VERSION and hello["codec"] == "json"
+        assert {"hello", "snapshot"} <= set(hello["ops"])
+    finally:
+        bus.close()
+
+
+def test_tcp_port_zero_binds_loopback(tmp_path: Path) -> None:
+    bus = EventBus(BusConfig(run="t", pub="tcp://127.0.0.1:0", ctl="tcp://127.0.0.1:0"))
+    pub, ctl = bus.start()
+    try:
+        assert pub.startswith("tcp://127.0.0.1:") and not pub.endswith(":0") and pub != ctl
+        with Control(ctl) as c:
+            assert c.request("hello")["pub"] == pub
+    finally:
+        bus.close()
+
+
+@pytest.mark.parametrize("endpoint", ["tcp://0.0.0.0:5555", "tcp://*:5555", "tcp://10.1.2.3:5555", "tcp://eth0:1"])
+def test_non_loopback_needs_curve(endpoint: str) -> None:
+    with pytest.raises(BindRefused, match="without CURVE"):
+        check_endpoint(endpoint, None)
+    bus = EventBus(BusConfig(run="t", pub=endpoint, ctl="tcp://127.0.0.1:0"))
+    with pytest.raises(BindRefused):
+        bus.start()
+
+
+@pytest.mark.parametrize("endpoint", ["pgm://x", "udp://1.2.3.4:5", "nonsense"])
+def test_unknown_transports_refused(endpoint: str) -> None:
+    with pytest.raises(BindRefused, match="only ipc"):
+        check_endpoint(endpoint, None)
+
+
+@pytest.mark.skipif(not zmq.has("curve"), reason="libzmq without CURVE")
+def test_curve_admits_only_authorized_clients(tmp_path: Path) -> None:
+    import zmq.auth
+
+    keys = tmp_path / "curve"
+    (keys / "authorized_clients").mkdir(parents=True)
+    zmq.auth.create_certificates(keys, "server")
+    zmq.auth.create_certificates(keys / "authorized_clients", "client")
+    zmq.auth.create_certificates(tmp_path, "stranger")
+    curve = CurveKeys.from_dir(keys)
+    assert check_endpoint("tcp://0.0.0.0:5555", curve) == "tcp://0.0.0.0:5555"  # allowed with CURVE
+    bus = EventBus(BusConfig(run="t", pub="tcp://127.0.0.1:0", ctl="tcp://127.0.0.1:0", curve=curve))
+    pub, ctl = bus.start()
+    try:
+        cpub, csec = zmq.auth.load_certificate(keys / "authorized_clients" / "client.key_secret")
+        good = CurveClientKeys(server_public=curve.public, public=cpub, secret=csec)
+        with Control(ctl, curve=good) as c:
+            assert c.request("hello")["run"] == "t"
+        spub, ssec = zmq.auth.load_certificate(tmp_path / "stranger.key_secret")
+        bad = CurveClientKeys(server_public=curve.public, public=spub, secret=ssec)
+        with Control(ctl, timeout=0.5, curve=bad) as c, pytest.raises(ControlError, match="no reply"):
+            c.request("hello")
+        with Control(ctl, timeout=0.5) as c, pytest.raises(ControlError, match="no reply"):  # plain text client
+            c.request("hello")
+    finally:
+        bus.close()
+
+
+@given(st.integers(min_value=2, max_value=50), st.integers(min_value=0, max_value=2000))
+def test_downsampler_is_bounded_and_keeps_ends(max_points: int, n: int) -> None:
+    d = Downsampler(max_points)
+    for i in range(n):
+        d.add(i)
+    values = d.values()
+    assert len(values) <= max_points + 1
+    if n:
+        assert values[0] == 0 and values[-1] == n - 1
+        assert values == sorted(set(values))
+        gaps = {b - a for a, b in zip(values[:-2], values[1:-1])}
+        assert len(gaps) <= 1  # evenly strided (the newest point may sit off the stride)

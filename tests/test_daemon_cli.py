@@ -1,0 +1,96 @@
+"""``fts-daemon`` end to end, as a user runs it: separate processes, --detach, status, edit, stop, SIGTERM, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fts_daemon import events as ev
+from fts_daemon import registry
+
+from .daemon_support import SCHEDULE, private_runtime_dir, read_events, wait_for, write_config
+
+pytestmark = pytest.mark.slow
+
+
+def fts(*args: str, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fts_daemon.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=os.environ.copy())
+
+
+def test_cli_lifecycle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with private_runtime_dir(monkeypatch):
+        cfg = write_config(tmp_path / "cfg", step_delay=0.25, max_epochs=6)
+        started = fts("start", "--config", str(cfg), "--run", "cli1", "--detach", cwd=tmp_path)
+        assert started.returncode == 0, started.stderr
+        assert "fts-tui attach cli1" in started.stdout
+        run_dir = tmp_path / "runs" / "cli1"
+
+        def status() -> dict:
+            out = fts("status", "--json", cwd=tmp_path)
+            assert out.returncode == 0, out.stderr
+            return json.loads(out.stdout)
+
+        info = wait_for(lambda: (s := status())["state"] == "training" and s, timeout=120)
+        assert {"run", "pid", "state", "phase", "run_dir", "pub", "ctl"} <= set(info)
+        assert info["run"] == "cli1" and Path(info["run_dir"]) == run_dir and info["pub"].startswith("ipc://")
+        runs = json.loads(fts("runs", "--json", cwd=tmp_path).stdout)
+        assert [r["run"] for r in runs] == ["cli1"]
+
+        ok = fts("edit", "cli1", "--phase", "2", "--lr", "0.004", "--scheduler", "torch.optim.lr_scheduler.StepLR",
+                 "--scheduler-arg", "step_size=1", "--scheduler-arg", "gamma=0.5", cwd=tmp_path)
+        assert ok.returncode == 0 and "edit e1 queued for phase 2" in ok.stdout, ok.stderr
+        refused = fts("edit", "--phase", "0", "--lr", "1", cwd=tmp_path)
+        assert refused.returncode == 1 and "current phase" in refused.stderr
+        listed = fts("edit", "cli1", "--list", "--json", cwd=tmp_path)
+        assert [e["id"] for e in json.loads(listed.stdout)["edits"]] == ["e1"]
+
+        stopped = fts("stop", "cli1", cwd=tmp_path)
+        assert stopped.returncode == 0, stopped.stderr
+        assert registry.read_record("cli1").state == "finished"
+        final = [e for e in read_events(run_dir / "events.jsonl") if e.kind == ev.STATE][-1]
+        assert final.data["reason"] == "stopped" and Path(final.data["checkpoint"]).is_file()
+
+        # resume from the run dir alone, then end it with SIGTERM: graceful again (checkpoint, exit 0)
+        resumed = fts("start", "--resume", "--run-dir", str(run_dir), "--detach", cwd=tmp_path)
+        assert resumed.returncode == 0, resumed.stderr
+        record = registry.read_record("cli1")
+        wait_for(lambda: fts("status", "--json", cwd=tmp_path).stdout.count('"training"'), timeout=120)
+        os.kill(record.pid, signal.SIGTERM)
+        wait_for(lambda: not registry.pid_alive(record.pid), timeout=120)
+        events = [e for e in read_events(run_dir / "events.jsonl") if e.daemon == record.daemon]
+        assert events[-1].kind == ev.STATE and events[-1].data["reason"] == "stopped"
+        assert any(e.kind == ev.EDIT and e.data["edit"]["id"] == "e1" for e in events)  # pending edit came back
+        assert "SIGTERM: stopping after this step" in (run_dir / "daemon.log").read_text()
+        assert registry.read_record("cli1").state == "finished"
+        time.sleep(0.1)
+        assert fts("status", "cli1", cwd=tmp_path).stdout.startswith("run cli1: finished")
+
+
+def test_cli_validate_plan_and_foreground_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with private_runtime_dir(monkeypatch):
+        cfg = write_config(tmp_path / "cfg", max_epochs=5)
+        broken = {k: dict(v) for k, v in SCHEDULE.items()}
+        broken[0]["params"] = ["model.klassifier.bias"]
+        out = fts("validate", str(write_config(tmp_path / "bad", broken)), cwd=tmp_path)
+        assert out.returncode == 1 and "model.klassifier.bias" in out.stderr and "matches no parameter" in out.stderr
+        plan = fts("plan", str(cfg), "--json", cwd=tmp_path)
+        assert plan.returncode == 0, plan.stderr
+        assert [s["phase"] for s in json.loads(plan.stdout)["plan"]["phase_starts"]] == [0, 1, 2]
+        # foreground, at full speed, with a LightningCLI override passed through
+        run = fts("start", "--config", str(cfg), "--run", "fg", "--no-progress", "--trainer.max_epochs=3",
+                  "--transport", "tcp", cwd=tmp_path)
+        assert run.returncode == 0, run.stderr
+        assert "events  : tcp://127.0.0.1:" in run.stdout and "run fg finished" in run.stdout
+        events = read_events(tmp_path / "runs" / "fg" / "events.jsonl")
+        assert max(e.epoch or 0 for e in events) == 3 and events[-1].data["reason"] == "completed"
+        refused = fts("start", "--config", str(cfg), "--run", "open", "--pub", "tcp://0.0.0.0:0", "--ctl",
+                      "tcp://127.0.0.1:0", cwd=tmp_path)
+        assert refused.returncode == 2 and "without CURVE" in refused.stdout

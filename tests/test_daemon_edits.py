@@ -1,0 +1,275 @@
+"""Queued edits on a real daemon (real Trainer, real sockets, real files).
+
+One module-scoped pair of runs serves several tests:
+
+* run A trains the base schedule; while it is in phase 0 a client queues edits for phases 1 and 2 (one is then
+  cancelled) and sends a barrage of invalid edits and malformed frames;
+* run B trains, from the start, the YAML that A's accepted edits describe; a late subscriber follows it.
+
+A's LRs must equal B's step for step (an edit behaves exactly as if it had been in the YAML), and B's weights must
+equal a plain Lightning run of the same config (publishing changes nothing).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from fts_daemon import events as ev
+from fts_daemon.client import Control, ControlError, Follower
+from fts_daemon.edits import Journal, merge_phase, replay_journal
+
+from .daemon_support import (
+    SCHEDULE,
+    lr_by_step,
+    private_runtime_dir,
+    read_events,
+    start_daemon,
+    wait_for,
+    write_config,
+)
+
+EXP = {"class_path": "torch.optim.lr_scheduler.ExponentialLR", "init_args": {"gamma": 0.5}}
+ACCEPTED = [  # (phase, changes): e1..e4; e3 is cancelled afterwards
+    (2, {"new_lr_scheduler": {"lr_scheduler_init": EXP}}),
+    (2, {"lr": 4.0e-3, "new_lr_scheduler": {"init_pg_lrs": [1.5e-3] * 6}}),
+    (1, {"lr": 5.0e-3, "max_transition_epoch": 3}),
+    (1, {"new_lr_scheduler": {"lr_scheduler_init": {"init_args": {"gamma": 0.6}}}}),
+]
+REJECTED = [  # (phase, changes, expected fragment of the one-line error)
+    (0, {"lr": 1.0}, "current phase"),
+    (9, {"lr": 1.0}, "does not exist"),
+    ("2", {"lr": 1.0}, "must be an integer"),
+    (2, {"bogus": 1}, "unknown phase key"),
+    (2, {}, "non-empty"),
+    (2, {"new_lr_scheduler": {"lr_scheduler_init": {"class_path": "os.system"}}}, "outside the allowed prefixes"),
+    (2, {"new_optimizer": {"optimizer_init": {"class_path": "builtins.eval"}}}, "outside the allowed prefixes"),
+    (2, {"params": ["model.classifier.weight"]}, "more than one phase"),
+    (2, {"params": ["model\\.nothing.*"]}, "matches no parameter"),
+    (2, {"params": ["model.(unclosed"]}, "regex"),
+    (2, {"lr": "fast"}, "finite, non-negative float"),
+    (2, {"new_lr_scheduler": {"init_pg_lrs": "lots"}}, "init_pg_lrs"),
+    (2, {"new_lr_scheduler": {"lr_scheduler_init": {"init_args": {"T_0": -3}}}}, "failed"),
+    (2, {"new_lr_scheduler": {"lr_scheduler_init": {"class_path": "torch.optim.SGD"}}}, "not a torch LR scheduler"),
+    (1, {"new_lr_scheduler": {"lr_scheduler_init": {"class_path": "torch.optim.lr_scheduler.ReduceLROnPlateau"}}},
+     "monitor"),
+]
+
+
+def merged_schedule() -> dict[int, dict[str, Any]]:
+    """The YAML the accepted (not cancelled) edits amount to."""
+    sched = copy.deepcopy(SCHEDULE)
+    for i, (phase, changes) in enumerate(ACCEPTED):
+        if i != 2:
+            sched[phase] = merge_phase(sched[phase], changes)
+    return sched
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory):
+    base = tmp_path_factory.mktemp("edits")
+    with pytest.MonkeyPatch.context() as mp, private_runtime_dir(mp):
+        out: dict[str, Any] = {"base": base}
+        cfg_a = write_config(base, SCHEDULE, step_delay=0.08, name="a", extra_trainer={"max_epochs": 6})
+        a = start_daemon(configs=[str(cfg_a)], run="edit-a", run_dir=base / "a")
+        replies: dict[str, Any] = {"accepted": [], "rejected": [], "malformed": []}
+        with Follower(a.pub, a.ctl) as follower, Control(a.ctl) as ctl:
+            for kind, item in follower.follow(timeout=60):
+                if kind == "event" and item.kind == ev.LR:
+                    break
+            assert ctl.request("hello")["phase"] == 0
+            for phase, changes in ACCEPTED:
+                replies["accepted"].append(ctl.request("queue_edit", phase=phase, changes=changes))
+            replies["cancel"] = ctl.request("cancel_edit", edit_id="e3")
+            for phase, changes, _ in REJECTED:
+                try:
+                    ctl.request("queue_edit", phase=phase, changes=changes)
+                    replies["rejected"].append(None)
+                except ControlError as err:
+                    replies["rejected"].append(str(err))
+            for bad in (b"{", ev.dumps({"id": 1, "op": "queue_edit", "phase": 2, "changes": {"lr": 1}, "x": 1}),
+                        ev.dumps({"id": 2, "op": "cancel_edit", "edit_id": "e1", "extra": [1] * 10})):
+                ctl.sock.send(bad)
+                assert ctl.sock.poll(5000)
+                replies["malformed"].append(json.loads(ctl.sock.recv()))
+            try:
+                ctl.request("cancel_edit", edit_id="e3")
+            except ControlError as err:
+                replies["cancel_again"] = str(err)
+            replies["list"] = ctl.request("list_edits")["edits"]
+            replies["plan"] = ctl.request("plan", phase=2, changes={"lr": 1.0e-3})
+        assert a.join() == 0
+        out["a"] = a
+        out["replies"] = replies
+
+        cfg_b = write_config(base, merged_schedule(), step_delay=0.04, name="b", extra_trainer={"max_epochs": 6})
+        out["cfg_b"] = cfg_b
+        b = start_daemon(configs=[str(cfg_b)], run="edit-b", run_dir=base / "b", history_points=100000)
+        wait_for(lambda: (b.daemon.bus.history.step or 0) >= 9, timeout=60)
+        late: list[tuple[str, Any]] = []
+        with Follower(b.pub, b.ctl) as follower:
+            for kind, item in follower.follow(timeout=60):
+                late.append((kind, item))
+                if kind == "event" and item.kind == ev.STATE and item.data["state"] in ("finished", "failed"):
+                    break
+        assert b.join() == 0
+        out["b"] = b
+        out["late"] = late
+        out["weights_b"] = {k: v.clone() for k, v in b.daemon.trainer.lightning_module.state_dict().items()}
+        yield out
+
+
+def test_accepted_edits_are_queued_merged_and_cancellable(runs: dict) -> None:
+    replies = runs["replies"]
+    assert [r["id"] for r in replies["accepted"]] == ["e1", "e2", "e3", "e4"]
+    assert all(r["status"] == "queued" for r in replies["accepted"])
+    assert replies["cancel"]["status"] == "cancelled"
+    assert "only queued edits can be cancelled" in replies["cancel_again"]
+    statuses = {e["id"]: (e["status"], e["applied_step"]) for e in replies["list"]}
+    assert statuses == {"e1": ("queued", None), "e2": ("queued", None), "e3": ("cancelled", None),
+                        "e4": ("queued", None)}
+
+
+def test_rejected_edits_and_malformed_messages_change_nothing(runs: dict) -> None:
+    for (phase, _, fragment), err in zip(REJECTED, runs["replies"]["rejected"]):
+        assert err is not None, f"edit to phase {phase} was accepted"
+        assert fragment in err and "\n" not in err, (fragment, err)
+    malformed = runs["replies"]["malformed"]
+    assert malformed[0]["ok"] is False and malformed[0]["id"] is None
+    assert "unknown argument 'x'" in malformed[1]["error"]
+    assert "cancel_edit takes edit_id; unknown argument 'extra'" in malformed[2]["error"]
+    # only the four accepted edits exist anywhere: list, journal, events
+    assert len(runs["replies"]["list"]) == 4
+    journal = Journal(runs["base"] / "a" / "edits.jsonl").read()
+    assert sorted({r["edit"]["id"] for r in journal if r["type"] == "queued"}) == ["e1", "e2", "e3", "e4"]
+    final = replay_journal(journal)
+    assert {k: e.status for k, e in final.items()} == {"e1": "applied", "e2": "applied", "e3": "cancelled",
+                                                       "e4": "applied"}
+    events = read_events(runs["base"] / "a" / "events.jsonl")
+    rejected = [e for e in events if e.kind == ev.EDIT and e.data["edit"]["status"] == "rejected"]
+    assert len(rejected) == len(REJECTED)
+
+
+def test_edit_queued_mid_run_equals_the_yaml(runs: dict) -> None:
+    a_events = read_events(runs["base"] / "a" / "events.jsonl")
+    b_events = read_events(runs["base"] / "b" / "events.jsonl")
+    lr_a, lr_b = lr_by_step(a_events), lr_by_step(b_events)
+    assert len(lr_a) == 24 and lr_a == lr_b  # exactly, step by step, every group
+    loss_a = {e.step: e.data["metrics"]["train_loss"] for e in a_events if e.kind == ev.METRIC and
+              "train_loss" in e.data["metrics"]}
+    loss_b = {e.step: e.data["metrics"]["train_loss"] for e in b_events if e.kind == ev.METRIC and
+              "train_loss" in e.data["metrics"]}
+    assert loss_a == loss_b
+    trans_a = [e.data for e in a_events if e.kind == ev.TRANSITION]
+    trans_b = [e.data for e in b_events if e.kind == ev.TRANSITION]
+    assert [t["scheduler"] for t in trans_a] == [t["scheduler"] for t in trans_b]
+    assert trans_a[1]["scheduler"]["lr_scheduler_init"] == EXP  # class changed: T_0/T_mult/eta_min dropped
+    assert trans_a[0]["scheduler"]["lr_scheduler_init"]["init_args"] == {"step_size": 1, "gamma": 0.6}
+    applied = {e.data["edit"]["id"]: e.data["edit"] for e in a_events if e.kind == ev.EDIT and
+               e.data["edit"]["status"] == "applied"}
+    assert sorted(applied) == ["e1", "e2", "e4"]
+    assert applied["e4"]["applied_step"] == 8 and applied["e1"]["applied_step"] == 16
+    effective = yaml.safe_load((runs["base"] / "a" / "schedule_effective.yaml").read_text())
+    assert effective[2]["new_lr_scheduler"]["lr_scheduler_init"] == EXP and effective[2]["lr"] == 4.0e-3
+    assert effective[1]["max_transition_epoch"] == 4  # e3 (cancelled) never applied
+    # the schedule events carried the queued edits per phase while they were pending
+    sched = [e.data for e in a_events if e.kind == ev.SCHEDULE and e.data["phases"][2]["edits"]]
+    assert {x["id"] for x in sched[-1]["phases"][2]["edits"]} == {"e1", "e2"}
+
+
+def test_plan_op_previews_an_edit(runs: dict) -> None:
+    plan = runs["replies"]["plan"]
+    assert set(plan) >= {"steps", "epochs", "phases", "series", "phase_starts"}
+    assert [p["phase"] for p in plan["phase_starts"]] == [0, 1, 2]
+
+
+def test_event_log_is_gap_free_with_a_full_lifecycle(runs: dict) -> None:
+    events = read_events(runs["base"] / "a" / "events.jsonl")
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    assert len({e.daemon for e in events}) == 1 and all(e.run == "edit-a" for e in events)
+    states = [e.data["state"] for e in events if e.kind == ev.STATE]
+    assert states[0] == "starting" and states[-1] == "finished" and states.count("transition") == 2
+    assert events[-1].data["reason"] == "completed"
+    lr_steps = [e.step for e in events if e.kind == ev.LR]
+    assert lr_steps == list(range(24))
+    val = [e for e in events if e.kind == ev.METRIC and e.data["stage"] == "val"]
+    assert len(val) == 6 and all({"val_loss", "val_acc"} <= set(e.data["metrics"]) for e in val)
+
+
+def test_late_subscriber_snapshot_then_gap_free_stream(runs: dict) -> None:
+    late = runs["late"]
+    kind, snap = late[0]
+    assert kind == "snapshot" and snap["state"] == "training" and snap["step"] >= 9
+    assert snap["schedule"]["phases"][0]["index"] == 0
+    stream = [item for kind, item in late[1:] if kind == "event"]
+    assert [k for k, _ in late].count("snapshot") == 1
+    seqs = [e.seq for e in stream]
+    assert seqs == list(range(snap["seq"] + 1, snap["seq"] + 1 + len(seqs)))
+    # snapshot history + live events reproduce the durable record exactly
+    rebuilt: dict[str, dict[int, float]] = {}
+    for tag, points in snap["lr"].items():
+        for step, value in points:
+            rebuilt.setdefault(tag, {})[step] = value
+    for event in stream:
+        if event.kind == ev.LR:
+            for tag, value in event.data["lrs"].items():
+                rebuilt.setdefault(tag, {})[event.step] = value
+    durable: dict[str, dict[int, float]] = {}
+    for event in read_events(runs["base"] / "b" / "events.jsonl"):
+        if event.kind == ev.LR:
+            for tag, value in event.data["lrs"].items():
+                durable.setdefault(tag, {})[event.step] = value
+    assert rebuilt == durable
+
+
+def test_tensorboard_lr_logs_match_the_events(runs: dict) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = runs["base"] / "b"
+    event_files = list(run_dir.rglob("events.out.tfevents.*"))
+    assert event_files, "no TensorBoard logs in the run dir"
+    acc = EventAccumulator(str(event_files[0].parent), size_guidance={"scalars": 0})
+    acc.Reload()
+    lrs = lr_by_step(read_events(run_dir / "events.jsonl"))
+    tags = {tag for values in lrs.values() for tag in values}
+    assert tags <= set(acc.Tags()["scalars"])
+    for tag in tags:
+        for point in acc.Scalars(tag):
+            assert point.value == pytest.approx(lrs[point.step][tag], rel=1e-6)
+
+
+def test_publishing_does_not_change_training(runs: dict, tmp_path: Path) -> None:
+    from fts_daemon.runner import build_from_config, resolve_schedule_path
+
+    built = build_from_config([runs["cfg_b"]], trainer_defaults={"default_root_dir": str(tmp_path)})
+    from fts_daemon.runner import find_fts_callback
+
+    resolve_schedule_path(find_fts_callback(built.trainer), [runs["cfg_b"]])
+    built.trainer.fit(built.model, datamodule=built.datamodule)
+    plain = built.trainer.lightning_module.state_dict()
+    assert plain.keys() == runs["weights_b"].keys()
+    for key, value in plain.items():
+        assert torch.equal(value, runs["weights_b"][key]), key
+
+
+def test_merge_rules() -> None:
+    base = copy.deepcopy(SCHEDULE[2])
+    merged = merge_phase(base, {"new_lr_scheduler": {"lr_scheduler_init": {"init_args": {"T_0": 5}},
+                                                     "init_pg_lrs": [1.0]}})
+    assert merged["new_lr_scheduler"]["lr_scheduler_init"]["init_args"] == {"T_0": 5, "T_mult": 2, "eta_min": 1.0e-5}
+    assert merged["new_lr_scheduler"]["init_pg_lrs"] == [1.0]  # lists replace
+    assert merged["new_lr_scheduler"]["pl_lrs_cfg"] == base["new_lr_scheduler"]["pl_lrs_cfg"]
+    swapped = merge_phase(base, {"new_lr_scheduler": {"lr_scheduler_init": EXP}})
+    assert swapped["new_lr_scheduler"]["lr_scheduler_init"] == EXP  # a new class drops the old class's args
+    assert "new_lr_scheduler" not in merge_phase(base, {"new_lr_scheduler": None})  # null removes
+    assert "init_pg_lrs" not in merge_phase(base, {"new_lr_scheduler": {"init_pg_lrs": None}})["new_lr_scheduler"]
+    assert merge_phase(base, {"params": ["x"]})["params"] == ["x"]
+    assert base == SCHEDULE[2]  # inputs are never mutated
+    added = merge_phase({"params": ["a"]}, {"new_optimizer": {"optimizer_init": {"class_path": "torch.optim.SGD"}}})
+    assert added["new_optimizer"] == {"optimizer_init": {"class_path": "torch.optim.SGD"}}

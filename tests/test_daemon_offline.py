@@ -1,0 +1,79 @@
+"""``validate`` and ``plan`` (in-process): the shipped configs pass, broken ones fail with one line per problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fts_daemon.offline import check_config
+
+from .daemon_support import REPO, SCHEDULE, write_config
+
+CONFIGS = REPO / "configs"
+
+
+@pytest.mark.parametrize(
+    "configs",
+    [
+        ["demo_explicit_reinit_lr.yaml"],
+        ["demo_implicit_reinit_lr.yaml"],
+        ["seed/fts_defaults.yaml", "seed/fts_explicit_reinit_lr.yaml"],
+        ["seed/fts_defaults.yaml", "seed/fts_implicit_reinit_lr.yaml"],
+    ],
+)
+def test_shipped_configs_validate(configs: list[str]) -> None:
+    result = check_config([CONFIGS / c for c in configs])
+    assert result.ok, result.problems
+    assert len(result.phases) >= 3
+
+
+def test_seed_composition_applies_the_later_file() -> None:
+    result = check_config([CONFIGS / "seed/fts_defaults.yaml", CONFIGS / "seed/fts_explicit_reinit_lr.yaml"])
+    assert result.max_depth == 2
+    # the seed's init_pg_lrs lengths cover only the groups that existed before each transition: a warning, as in FTS
+    assert any("init_pg_lrs" in w for w in result.warnings)
+
+
+def test_plan_of_the_explicit_demo() -> None:
+    result = check_config([CONFIGS / "demo_explicit_reinit_lr.yaml"], plan=True)
+    assert result.ok and result.plan is not None
+    starts = result.plan["phase_starts"]
+    assert [(s["phase"], s["epoch"]) for s in starts] == [(0, 0), (1, 4), (2, 8)]
+    first = {row["phase"]: row["first"] for row in result.table}
+    assert first[1]["Explicit_Reinit_LR_Scheduler/pg3"] == pytest.approx(3.0e-3)  # init_pg_lrs
+    assert len(first[2]) == 6
+
+
+def test_broken_configs_report_every_problem(tmp_path: Path) -> None:
+    bad = {k: dict(v) for k, v in SCHEDULE.items()}
+    bad[1] = {**bad[1], "lr": "x"}
+    bad[2] = {**bad[2], "new_lr_scheduler": {"pl_lrs_cfg": {"interval": "hourly"}}}
+    result = check_config([write_config(tmp_path, bad, name="parse")])
+    assert not result.ok
+    text = "\n".join(result.problems)
+    assert "phase 1: lr" in text and "phase 2: new_lr_scheduler" in text and "lr_scheduler_init" in text
+    assert all("\n" not in p for p in result.problems)
+    bad = {k: dict(v) for k, v in SCHEDULE.items()}
+    bad[2] = {**bad[2], "new_lr_scheduler": {"lr_scheduler_init": {"class_path": "os.system"}}}
+    result = check_config([write_config(tmp_path, bad, name="import")])
+    assert not result.ok and "outside the allowed prefixes" in result.problems[0]
+
+
+def test_upstream_class_paths_get_a_hint(tmp_path: Path) -> None:
+    cfg = yaml.safe_load(write_config(tmp_path).read_text())
+    cfg["trainer"]["callbacks"][0]["class_path"] = "finetuning_scheduler.FinetuningScheduler"
+    path = tmp_path / "upstream.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = check_config([path])
+    assert not result.ok and any("fts_daemon.FinetuningScheduler" in p for p in result.problems)
+
+
+def test_missing_config_and_missing_callback(tmp_path: Path) -> None:
+    assert "not found" in check_config([tmp_path / "nope.yaml"]).problems[0]
+    cfg = yaml.safe_load(write_config(tmp_path).read_text())
+    cfg["trainer"]["callbacks"] = []
+    path = tmp_path / "nofts.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert "no fts_daemon.FinetuningScheduler" in check_config([path]).problems[0]

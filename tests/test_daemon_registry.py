@@ -1,0 +1,92 @@
+"""The run registry: private runtime dir, atomic 0600 records, finding the live run."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fts_daemon import registry
+
+from .daemon_support import private_runtime_dir
+
+
+@pytest.fixture
+def rt(monkeypatch: pytest.MonkeyPatch):
+    with private_runtime_dir(monkeypatch) as path:
+        yield path
+
+
+def _record(run: str, pid: int, started: float, state: str = "training") -> registry.RunRecord:
+    return registry.RunRecord(run=run, pid=pid, daemon="d", run_dir=f"/r/{run}", pub="ipc://p", ctl="ipc://c",
+                              state=state, started=started)
+
+
+def test_runtime_dir_and_records_are_private(rt: Path) -> None:
+    os.chmod(rt, 0o755)
+    assert registry.runtime_dir() == rt
+    assert stat.S_IMODE(rt.stat().st_mode) == 0o700  # tightened
+    path = registry.write_record(_record("a", os.getpid(), 1.0))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert registry.read_record("a").pid == os.getpid()
+    assert not list(rt.glob(".*.tmp"))  # atomic write leaves no temp file
+
+
+def test_default_runtime_dir_is_under_xdg_or_tmp(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("FTS_RUNTIME_DIR", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert registry.runtime_dir() == tmp_path / "fts"
+    assert stat.S_IMODE((tmp_path / "fts").stat().st_mode) == 0o700
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    assert registry.runtime_dir(create=False).name == f"fts-{os.getuid()}"
+
+
+def test_find_run_prefers_the_newest_live_run(rt: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    registry.write_record(_record("old", os.getpid(), 1.0))
+    registry.write_record(_record("new", os.getpid(), 2.0))
+    registry.write_record(_record("gone", dead.pid, 3.0))
+    registry.write_record(_record("done", os.getpid(), 4.0, state="finished"))
+    (rt / "junk.json").write_text("{not json")
+    assert registry.find_run().run == "new"
+    assert registry.find_run("gone").live_state == "dead"
+    assert [r.run for r in registry.iter_records()] == ["old", "new", "gone", "done"]
+    assert registry.prune() == ["gone"]
+    with pytest.raises(registry.RegistryError, match="no run named"):
+        registry.find_run("nope")
+
+
+def test_no_live_run_is_a_clear_error(rt: Path) -> None:
+    with pytest.raises(registry.RegistryError, match="no live fts-daemon run"):
+        registry.find_run()
+
+
+@pytest.mark.parametrize("bad", ["", "../x", "a/b", "-x", "x" * 81, "a b"])
+def test_run_ids_are_checked(bad: str) -> None:
+    with pytest.raises(registry.RegistryError, match="invalid run id"):
+        registry.check_run_id(bad)
+
+
+def test_update_record_and_long_ipc_paths(rt: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    registry.write_record(_record("u", os.getpid(), time.time()))
+    assert registry.update_record("u", state="finished", phase=2).phase == 2
+    assert registry.read_record("u").state == "finished"
+    assert registry.update_record("missing", state="x") is None
+    assert registry.ipc_endpoints("u")[0] == f"ipc://{rt}/u.pub"
+    deep = tmp_path / ("d" * 90)
+    deep.mkdir()
+    monkeypatch.setenv("FTS_RUNTIME_DIR", str(deep))
+    with pytest.raises(registry.RegistryError, match="too long"):
+        registry.ipc_endpoints("u")
+
+
+def test_registry_imports_without_torch() -> None:
+    code = "import sys, fts_daemon.registry, fts_daemon.events, fts_daemon.client; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
