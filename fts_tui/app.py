@@ -1,0 +1,251 @@
+"""The fts cockpit: one screen with the run header, the schedule, LR and metric charts, and the event log.
+
+Data flow: a :class:`~fts_tui.source.Source` (live daemon or replay) runs in an async worker and fills a
+:class:`~fts_tui.state.RunState`; a timer at about 10 Hz asks the state what changed and redraws only those
+panels, inside one ``batch_update``. Nothing redraws per event, so a burst of events costs one frame. The default is
+12 Hz: an event then waits at most 83 ms for its frame, which keeps the p99 display lag under 100 ms with the ~10 ms
+a frame takes to render (bench/tui_bench.py).
+
+Importing this module never imports torch or Lightning (tests check it).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from textual import on
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import Screen
+from textual.widgets import Footer
+from textual.worker import Worker, WorkerState
+
+from fts_tui.screens import EditsScreen, HelpScreen, MetricPicker, PhaseScreen
+from fts_tui.source import Source
+from fts_tui.state import EDITS, LOG, LR, METRICS, PLAN, SCHEDULE, EditInfo, RunState
+from fts_tui.views import default_metrics, header_lines, lr_chart, metric_chart
+from fts_tui.widgets import Chart, EventLog, RunHeader, ScheduleTable
+from fts_tui.widgets.edit_form import EditForm
+
+MAIN_ACTIONS = {"edit_phase", "edits", "toggle_log_y", "toggle_plan", "pick_metrics", "toggle_overlay", "zoom", "help"}
+
+
+class FtsApp(App[None]):
+    CSS_PATH = "app.tcss"
+    TITLE = "fts-tui"
+    BINDINGS = [
+        Binding("e", "edit_phase", "Edit phase"),
+        Binding("p", "edits", "Edits"),
+        Binding("l", "toggle_log_y", "Log-y"),
+        Binding("t", "toggle_plan", "Plan"),
+        Binding("m", "pick_metrics", "Metrics"),
+        Binding("o", "toggle_overlay", "Overlay"),
+        Binding("z", "zoom", "Zoom"),
+        Binding("question_mark,f1", "help", "Help", key_display="?"),
+        Binding("q", "quit", "Quit"),
+    ]
+
+    def __init__(self, source: Source, *, clock: Callable[[], float] = time.monotonic, redraw_hz: float = 12.0) -> None:
+        super().__init__()
+        self.source = source
+        self.clock = clock
+        self.redraw_interval = 1.0 / redraw_hz
+        self.log_y = True
+        self.show_plan = True
+        self.overlay = False
+        self.metric_names: list[str] | None = None  # None: the defaults, until the user chooses
+        self.frames = 0  # redraw ticks that changed something (the bench reads it)
+        self.after_redraw: Callable[[FtsApp], None] | None = None  # bench hook
+
+    @property
+    def state(self) -> RunState:
+        return self.source.state
+
+    # ------------------------------------------------------------------------------------------------ layout
+
+    def compose(self) -> ComposeResult:
+        # kept as attributes: the redraw tick uses them without querying (and still works while the app closes)
+        self.header = RunHeader(id="header")
+        self.schedule = ScheduleTable(id="schedule")
+        self.lr_chart = Chart(id="lr-chart")
+        self.metric_chart = Chart(id="metric-chart")
+        self.event_log = EventLog(id="log")
+        yield self.header
+        with Vertical(id="body"):
+            yield self.schedule
+            with Horizontal(id="charts"):
+                yield self.lr_chart
+                yield self.metric_chart
+            yield self.event_log
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.schedule.border_title = "schedule"
+        self.event_log.border_title = "events"
+        self._titles()
+        self.run_worker(self.source.run(), name="source", group="source", exclusive=True, exit_on_error=False)
+        self.set_interval(self.redraw_interval, self.redraw)
+        self.redraw()
+        self.schedule.focus()
+
+    def _titles(self) -> None:
+        lr = self.lr_chart
+        lr.border_title = "learning rate" + (" · log-y" if self.log_y else " · linear")
+        plan = self.state.plan
+        if not self.show_plan:
+            lr.border_subtitle = "plan hidden (t)"
+        elif plan is not None:
+            lr.border_subtitle = "┈ planned (t)"
+        else:
+            lr.border_subtitle = f"no plan: {self.state.plan_error}" if self.state.plan_error else ""
+        metrics = self.metric_chart
+        names = self.chosen_metrics()
+        if self.overlay:
+            metrics.border_title = f"{names[0] if names else 'metric'} by phase (aligned at phase start)"
+        else:
+            metrics.border_title = "metrics"
+        metrics.border_subtitle = "m: choose · o: overlay"
+
+    def chosen_metrics(self) -> list[str]:
+        return self.metric_names if self.metric_names is not None else default_metrics(self.state)
+
+    # ------------------------------------------------------------------------------------------------ redraw
+
+    def redraw(self, dirty: Iterable[str] | None = None) -> None:
+        """Timer tick: redraw the panels whose data changed since the last tick."""
+        state = self.state
+        changed = state.take_dirty() | set(dirty or ())
+        with self.batch_update():
+            self.header.show(header_lines(state, self.clock(), self.source.label))
+            if changed & {SCHEDULE, EDITS, PLAN}:
+                self.schedule.update_from(state)
+            if changed & {LR, PLAN}:
+                self.lr_chart.set_chart(*lr_chart(state, self.log_y, self.show_plan))
+            if changed & {METRICS, SCHEDULE}:
+                self.metric_chart.set_chart(*metric_chart(state, self.chosen_metrics(), self.overlay))
+            if LOG in changed:
+                self.event_log.update_from(state)
+            if changed & {PLAN, METRICS}:
+                self._titles()
+            for screen in self.screen_stack[1:]:
+                update = getattr(screen, "update_from", None)
+                if update is not None and changed:
+                    update(state, changed)
+        if changed:
+            self.frames += 1
+        if self.after_redraw is not None:
+            self.after_redraw(self)
+
+    # ------------------------------------------------------------------------------------------------ actions
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in MAIN_ACTIONS and len(self.screen_stack) > 1:
+            return False  # a dialog is open: its own keys apply
+        return True
+
+    def selected_phase(self) -> int | None:
+        return self.schedule.selected_phase()
+
+    def action_edit_phase(self, phase: int | None = None) -> None:
+        phase = self.selected_phase() if phase is None else phase
+        if phase is None:
+            self.notify("no schedule yet", severity="warning")
+            return
+        if self.source.read_only:
+            self.notify("a replay is read-only: attach to a live run to queue edits", severity="warning")
+            return
+        if not self.state.editable(phase):
+            info = self.state.phase_info(phase)
+            what = info.state if info else "unknown"
+            if self.state.finished:
+                what = f"{what}, and the run is {self.state.status}"
+            self.notify(f"phase {phase} is {what}: only phases that have not started can be edited", severity="warning")
+            return
+        self.push_screen(EditForm(self.source, phase), self._edit_done)
+
+    def _edit_done(self, edit: EditInfo | None) -> None:
+        if edit is not None:
+            self.notify(f"edit {edit.id} queued for phase {edit.phase}")
+            self.redraw()
+
+    def action_edits(self) -> None:
+        self.push_screen(EditsScreen(self.source))
+
+    def action_toggle_log_y(self) -> None:
+        self.log_y = not self.log_y
+        self._titles()
+        self.redraw({LR})
+
+    def action_toggle_plan(self) -> None:
+        self.show_plan = not self.show_plan
+        self._titles()
+        self.redraw({LR})
+
+    def action_toggle_overlay(self) -> None:
+        self.overlay = not self.overlay
+        self._titles()
+        self.redraw({METRICS})
+
+    def action_pick_metrics(self) -> None:
+        names = self.state.metric_names()
+        if not names:
+            self.notify("no metrics logged yet", severity="warning")
+            return
+
+        def chosen(result: list[str] | None) -> None:
+            if result is not None:
+                self.metric_names = result
+                self._titles()
+                self.redraw({METRICS})
+
+        self.push_screen(MetricPicker(names, self.chosen_metrics(), dict(self.state.metric_stage)), chosen)
+
+    def action_zoom(self) -> None:
+        screen = self.screen
+        if screen.maximized is not None:
+            screen.minimize()
+            return
+        target = screen.focused or self.lr_chart
+        while target is not None and target.parent is not None and not target.allow_maximize:
+            target = target.parent  # type: ignore[assignment]
+        if target is not None:
+            screen.maximize(target)
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())
+
+    def show_phase(self, phase: int) -> None:
+        self.push_screen(PhaseScreen(self.source, phase))
+
+    @on(ScheduleTable.PhaseChosen)
+    def _phase_chosen(self, event: ScheduleTable.PhaseChosen) -> None:
+        self.show_phase(event.phase)
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        if screen is not self.screen_stack[0]:
+            return  # opened from a dialog: only the dialog's own keys apply
+        yield SystemCommand("Edits", "List queued, applied, cancelled and rejected edits (cancel pending ones)", self.action_edits)
+        yield SystemCommand("Toggle log-y", "Switch the LR chart between log and linear y", self.action_toggle_log_y)
+        yield SystemCommand("Toggle planned trajectory", "Show or hide the planner's LR curves", self.action_toggle_plan)
+        yield SystemCommand("Choose metrics", "Pick the metrics the metric chart shows", self.action_pick_metrics)
+        yield SystemCommand("Overlay metric by phase", "Align one metric at each phase start", self.action_toggle_overlay)
+        yield SystemCommand("Help", "Keys and what the panels show", self.action_help)
+        for p in self.state.phases:
+            yield SystemCommand(f"Phase {p.index} details", f"{p.state}: params, scheduler, groups, edits", _bind(self.show_phase, p.index))
+            if not self.source.read_only and self.state.editable(p.index):
+                yield SystemCommand(f"Edit phase {p.index}", "Queue an edit for this upcoming phase", _bind(self.action_edit_phase, p.index))
+
+    @on(Worker.StateChanged)
+    def _worker_changed(self, event: Worker.StateChanged) -> None:
+        if event.worker.name == "source" and event.state == WorkerState.ERROR:
+            err = event.worker.error
+            self.state.add_log("error", "connection", f"event source stopped: {type(err).__name__}: {err}")
+            self.state.set_connection("lost", "source stopped")
+
+
+def _bind(fn: Callable[[int], Any], arg: int) -> Callable[[], Any]:
+    return lambda: fn(arg)

@@ -1,0 +1,203 @@
+"""The live client against the daemon's real event bus (in process, tcp loopback): Clone-pattern attach, gap and
+restart resyncs, lost/reconnect, control requests, registry resolution, CURVE."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import zmq
+import zmq.auth
+
+from fts_daemon import registry
+from fts_daemon.bus import BusConfig, CurveKeys, EventBus, OpError
+from fts_tui.client import LiveSource, ResolveError, Target, resolve_target
+from fts_tui.source import RequestError
+from tests.data.make_recordings import build_run, plan_for
+
+EVENTS = build_run()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_bus(pub: str = "tcp://127.0.0.1:0", ctl: str = "tcp://127.0.0.1:0", curve: CurveKeys | None = None) -> EventBus:
+    bus = EventBus(BusConfig(run="demo-explicit-reinit", pub=pub, ctl=ctl, heartbeat_s=0.2, curve=curve))
+
+    def queue_edit(args: dict) -> dict:
+        if args.get("phase") != 3:
+            raise OpError(f"phase {args.get('phase')} is already done; only upcoming phases (> 2) can be edited")
+        return {"id": "e9", "phase": 3, "changes": args["changes"], "status": "queued", "error": None, "created": 1.0, "applied_step": None}
+
+    bus.register("queue_edit", queue_edit, ("phase", "changes"))
+    bus.register("plan", lambda args: plan_for(args.get("changes")), ("phase", "changes", "transition_epochs"))
+    bus.start()
+    return bus
+
+
+def publish(bus: EventBus, events: list) -> None:
+    for e in events:
+        bus.publish(e.kind, e.data, e.step, e.epoch)
+
+
+async def until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+def bus():
+    b = start_bus()
+    yield b
+    b.close()
+
+
+@contextlib.asynccontextmanager
+async def following(source: LiveSource) -> AsyncIterator[LiveSource]:
+    """Run the client until the block ends (as the app's worker would), once it is live."""
+    task = asyncio.get_running_loop().create_task(source.run())
+    try:
+        await until(lambda: source.state.connection == "live")
+        yield source
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@pytest.mark.asyncio
+async def test_late_attach_then_live_events(bus: EventBus) -> None:
+    publish(bus, EVENTS[:300])
+    await until(lambda: bus.seq >= 300)
+    pub, ctl = bus.endpoints
+    # the PUB endpoint comes from hello
+    async with following(LiveSource(Target(ctl=ctl), heartbeat_timeout=2.0)) as source:
+        s = source.state
+        assert s.last_seq >= 300 and s.run == "demo-explicit-reinit" and s.phase == 1
+        assert source.hello["pub"] == pub and "plan" in source.hello["ops"]
+        publish(bus, EVENTS[300:])
+        await until(lambda: s.status == "finished")
+        assert source.snapshots == 1 and s.last_seq == bus.seq
+        assert (s.phase, s.step, s.epoch) == (3, 560, 13)
+        assert len(s.lr["Explicit_Reinit_LR_Scheduler/phase0"]) >= 300
+        assert s.edits["e1"].status == "applied" and s.edits["e2"].status == "cancelled"
+        await until(lambda: s.plan is not None)  # asked by itself: the daemon offers `plan`
+        assert len(s.plan.steps) == 560
+
+
+@pytest.mark.asyncio
+async def test_a_seq_gap_triggers_a_resync(bus: EventBus) -> None:
+    publish(bus, EVENTS[:200])
+    async with following(LiveSource(Target(ctl=bus.endpoints[1]), heartbeat_timeout=2.0)) as source:
+        bus.dropped += 3  # as if the training thread's queue had overflowed: the bus skips 3 seq numbers
+        publish(bus, EVENTS[200:260])
+        await until(lambda: source.snapshots == 2 and source.state.last_seq == bus.seq)
+        s = source.state
+        assert s.connection == "live" and not s.needs_resync
+        assert any("resynchronized" in e.text and "missed events" in e.text for e in s.log)
+        assert any("3 lr/metric events dropped" in e.text for e in s.log)
+
+
+@pytest.mark.asyncio
+async def test_daemon_goes_away_and_comes_back() -> None:
+    pub, ctl = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    buses = [start_bus(pub, ctl)]
+    publish(buses[0], EVENTS[:100])
+    try:
+        async with following(LiveSource(Target(ctl=ctl, pub=pub), heartbeat_timeout=1.0, request_timeout=1.0)) as source:
+            s = source.state
+            old_daemon = s.daemon
+            buses[0].close()
+            await until(lambda: s.connection == "lost", timeout=5)
+            assert s.last_heard is not None and any("no heartbeat" in e.text for e in s.log)
+            buses.append(start_bus(pub, ctl))  # a restarted daemon: same endpoints, new daemon id, seq from 1
+            publish(buses[1], EVENTS[100:150])
+            await until(lambda: s.connection == "live" and s.daemon == buses[1].daemon, timeout=15)
+            assert s.daemon != old_daemon
+            await until(lambda: s.last_seq == buses[1].seq)
+    finally:
+        buses[-1].close()
+
+
+@pytest.mark.asyncio
+async def test_control_requests(bus: EventBus) -> None:
+    publish(bus, EVENTS[:500])
+    async with following(LiveSource(Target(ctl=bus.endpoints[1]), heartbeat_timeout=2.0)) as source:
+        edit = await source.request("queue_edit", phase=3, changes={"lr": 2e-5})
+        assert edit["id"] == "e9" and edit["status"] == "queued"
+        with pytest.raises(RequestError, match="phase 1 is already done"):
+            await source.request("queue_edit", phase=1, changes={"lr": 2e-5})
+        with pytest.raises(RequestError, match="not available"):
+            await source.request("cancel_edit", edit_id="e9")
+        plan = await source.request("plan", phase=3, changes={"lr": 1e-4})
+        assert plan["series"]["Explicit_Reinit_LR_Scheduler/phase3"][-1] == pytest.approx(1e-4 * 0.8**3)
+    with pytest.raises(RequestError, match="not connected"):
+        await source.request("hello")
+
+
+@pytest.mark.asyncio
+async def test_request_times_out_when_nobody_answers() -> None:
+    source = LiveSource(Target(ctl=f"tcp://127.0.0.1:{free_port()}"), request_timeout=0.3)
+    source._open_dealer()
+    with pytest.raises(RequestError, match="no reply to hello within 0.3s"):
+        await source.request("hello")
+    await source.close()
+
+
+def test_resolve_target_from_the_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FTS_RUNTIME_DIR", str(tmp_path / "rt"))
+    with pytest.raises(ResolveError, match="no live fts-daemon run"):
+        resolve_target(None)
+    run_dir = tmp_path / "runs" / "r1"
+    run_dir.mkdir(parents=True)
+    import os
+
+    registry.write_record(registry.RunRecord(run="r1", pid=os.getpid(), daemon="d1", run_dir=str(run_dir),
+                                             pub="ipc:///x.pub", ctl="ipc:///x.ctl", state="training"))
+    for arg in (None, "r1", str(run_dir)):
+        t = resolve_target(arg)
+        assert (t.ctl, t.pub, t.run) == ("ipc:///x.ctl", "ipc:///x.pub", "r1")
+    t = resolve_target("tcp://10.0.0.5:7001", events="tcp://10.0.0.5:7000")
+    assert (t.ctl, t.pub, t.run, t.server_key) == ("tcp://10.0.0.5:7001", "tcp://10.0.0.5:7000", None, None)
+    with pytest.raises(ResolveError, match="no run named"):
+        resolve_target("nope")
+    with pytest.raises(ResolveError, match="Z85"):
+        resolve_target("tcp://10.0.0.5:7001", server_key="short")
+
+
+@pytest.mark.asyncio
+async def test_curve_keys_over_tcp(tmp_path: Path) -> None:
+    """A daemon bound with CURVE (what a non-loopback bind needs) only talks to authorized client keys."""
+    keys = tmp_path / "keys"
+    (keys / "authorized_clients").mkdir(parents=True)
+    zmq.auth.create_certificates(keys, "server")
+    client_pub, client_secret = zmq.auth.create_certificates(keys, "client")
+    Path(client_pub).rename(keys / "authorized_clients" / "client.key")
+    curve = CurveKeys.from_dir(keys)
+    bus = start_bus(curve=curve)
+    publish(bus, EVENTS[:50])
+    try:
+        pub, ctl = bus.endpoints
+        target = resolve_target(ctl, events=pub, server_key=str(keys / "server.key"), client_key=str(client_secret))
+        async with following(LiveSource(target, heartbeat_timeout=2.0)) as source:
+            assert source.state.last_seq >= 50 and "(CURVE)" in source.label
+        # a key pair the daemon does not know gets no answer
+        stranger = resolve_target(ctl, events=pub, server_key=curve.public.decode())
+        outsider = LiveSource(stranger, request_timeout=0.5)
+        outsider._open_dealer()
+        with pytest.raises(RequestError, match="no reply"):
+            await outsider.request("hello")
+        await outsider.close()
+    finally:
+        bus.close()

@@ -1,0 +1,277 @@
+"""The TUI's pure run-state model, fed from recorded event streams (no Textual, no sockets)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fts_daemon.bus import RunHistory
+from fts_daemon.events import Event
+from fts_tui.plot import ChartSpec, Marker, Trace, render_chart
+from fts_tui.replay import read_events
+from fts_tui.series import Series
+from fts_tui.state import RunState, summarize_params
+from tests.data.make_recordings import build_run
+
+DATA = Path(__file__).resolve().parent / "data"
+DEMO = DATA / "demo_run"
+CRASHED = DATA / "crashed_run"
+TAG = "Explicit_Reinit_LR_Scheduler/phase{}"
+
+
+def replayed(path: Path = DEMO) -> RunState:
+    state = RunState(tolerant=True)
+    events, _ = read_events(path)
+    state.load_events(events)
+    return state
+
+
+def daemon_snapshot(events: list[Event], **history_kw: int) -> dict:
+    """What the real daemon's ``snapshot`` op returns after ``events`` (its own RunHistory folds them)."""
+    history = RunHistory(**history_kw)
+    for e in events:
+        history.ingest(e)
+    last = events[-1]
+    return {
+        "protocol": 1,
+        "run": last.run,
+        "daemon": last.daemon,
+        "seq": last.seq,
+        "pub": "tcp://127.0.0.1:1",
+        "ctl": "tcp://127.0.0.1:2",
+        "model": "SentimentMiniLM",
+        **history.snapshot(),
+    }
+
+
+def test_recordings_are_what_the_generator_writes() -> None:
+    # the committed files must match the generator (regenerate with `python tests/data/make_recordings.py`)
+    events, report = read_events(DEMO)
+    assert [e.to_dict() for e in events] == [e.to_dict() for e in build_run()]
+    assert report.events == len(events) and not report.torn_tail and not report.bad_lines
+
+
+def test_replay_finished_run() -> None:
+    s = replayed()
+    assert (s.run, s.status, s.phase, s.max_depth, s.n_phases) == ("demo-explicit-reinit", "finished", 3, 3, 4)
+    assert (s.epoch, s.step) == (13, 560)
+    assert s.info["model"] == "SentimentMiniLM"
+    assert list(s.lr) == [TAG.format(i) for i in range(4)]
+    assert len(s.lr[TAG.format(0)]) == 560 and len(s.lr[TAG.format(3)]) == 160
+    assert s.lr[TAG.format(3)].last_y == pytest.approx(5e-06 * 0.8**3)
+    assert [(t.from_phase, t.to_phase, t.epoch, t.step, t.reason) for t in s.transitions] == [
+        (0, 1, 4, 160, "epoch_limit"),
+        (1, 2, 7, 280, "epoch_limit"),
+        (2, 3, 10, 400, "early_stopping"),
+    ]
+    assert {e.id: (e.status, e.applied_step) for e in s.edits.values()} == {"e1": ("applied", 400), "e2": ("cancelled", None)}
+    assert s.pending_edits() == []
+    assert [p.state for p in s.phases] == ["done", "done", "done", "current"]
+    assert s.phases[3].lr == 5e-06  # the applied edit is in the schedule
+    assert s.steps_per_second() == pytest.approx(16.2, abs=1.5)  # 20 steps/s minus validation pauses
+    assert s.metric_names() == ["train_loss", "val_acc", "val_loss"]
+    assert s.metric_stage == {"train_loss": "train", "val_loss": "val", "val_acc": "val"}
+
+
+def test_replay_log_tells_the_story() -> None:
+    texts = [(e.kind, e.text) for e in replayed().log]
+    assert ("transition", "phase 0 → 1 at epoch 4, step 160 (epoch limit)") in texts
+    assert ("scheduler", "scheduler reinitialized: StepLR(step_size=1, gamma=0.7), init_pg_lrs [2e-06]") in texts
+    assert ("transition", "phase 2 → 3 at epoch 10, step 400 (early stopping)") in texts
+    assert any(k == "edit" and t.startswith("edit e1 for phase 3 applied at step 400") for k, t in texts)
+    assert ("edit", "edit e2 for phase 3 cancelled") in texts
+    assert ("state", "run finished") == texts[-1]
+    levels = {e.level for e in replayed().log}
+    assert "warning" in levels
+
+
+def test_replay_crashed_run_with_torn_tail() -> None:
+    events, report = read_events(CRASHED)
+    assert report.torn_tail and not report.bad_lines
+    s = RunState(tolerant=True)
+    s.load_events(events)
+    assert s.status == "failed" and "CUDA out of memory" in (s.error or "")
+    assert s.phase == 2 and s.step == 332
+    assert [e.status for e in s.edits.values()] == ["queued"]
+    assert s.log[-1].level == "error" and s.log[-1].text.startswith("run failed: RuntimeError")
+    assert not s.editable(3)  # a failed run takes no edits
+
+
+def test_replay_skips_a_bad_line_in_the_middle(tmp_path: Path) -> None:
+    lines = (DEMO / "events.jsonl").read_text().splitlines()
+    lines[10] = '{"v": 1, "kind": "lr", "seq": garbage'
+    (tmp_path / "events.jsonl").write_text("\n".join(lines) + "\n")
+    events, report = read_events(tmp_path)
+    assert report.bad_lines == [11] and not report.torn_tail and len(events) == len(lines) - 1
+    with pytest.raises(FileNotFoundError):
+        read_events(tmp_path / "nope")
+
+
+def test_live_seq_rules() -> None:
+    events = build_run()
+    s = RunState()
+    s.apply_snapshot(daemon_snapshot(events[:100]))
+    assert s.last_seq == 100 and not s.needs_resync
+    assert not s.apply(events[50])  # at or below the snapshot: stale
+    assert s.apply(events[100]) and s.last_seq == 101
+    assert not s.apply(events[100])  # duplicate
+    assert not s.apply(events[105]) and s.needs_resync and "missed events 102..105" in s.resync_reason
+    # the snapshot clears it; a restarted daemon (new id) asks for a resync again
+    s.apply_snapshot(daemon_snapshot(events[:110]))
+    assert not s.needs_resync
+    other = Event(**{**events[110].__dict__, "daemon": "restarted", "seq": 1})
+    assert not s.apply(other) and s.needs_resync and "daemon restarted" in s.resync_reason
+
+
+def test_tolerant_replay_accepts_a_resumed_daemon_in_the_same_file() -> None:
+    events = build_run()
+    second = [Event(**{**e.__dict__, "daemon": "second", "seq": i + 1}) for i, e in enumerate(events[400:])]
+    s = RunState(tolerant=True)
+    assert s.load_events(events[:400] + second) == len(events)
+    assert s.status == "finished" and not s.needs_resync
+
+
+def test_snapshot_then_stream_equals_full_stream() -> None:
+    """Late attach: the daemon's snapshot at seq N plus events > N gives the state the whole stream gives."""
+    events = build_run()
+    full = replayed()
+    for cut in (5, 170, 333, 600):
+        s = RunState()
+        s.apply_snapshot(daemon_snapshot(events[:cut]))
+        for e in events[max(cut - 20, 0) :]:  # the SUB queue held some the snapshot already covers
+            s.apply(e)
+        assert not s.needs_resync
+        assert (s.status, s.phase, s.step, s.epoch, s.last_seq) == (full.status, full.phase, full.step, full.epoch, full.last_seq)
+        assert list(s.lr) == list(full.lr)
+        assert {t: v.last_y for t, v in s.lr.items()} == {t: v.last_y for t, v in full.lr.items()}
+        assert {k: (e.status, e.applied_step) for k, e in s.edits.items()} == {
+            k: (e.status, e.applied_step) for k, e in full.edits.items()
+        }
+        assert [(t.to_phase, t.step) for t in s.transitions] == [(t.to_phase, t.step) for t in full.transitions]
+        assert s.metric_names() == full.metric_names()
+
+
+def test_snapshot_alone_shows_the_run_so_far() -> None:
+    events = build_run()
+    s = RunState()
+    s.apply_snapshot(daemon_snapshot(events[:500], max_points=50))  # phase 2; e1 queued, e2 queued then cancelled
+    assert s.run == "demo-explicit-reinit" and s.status == "training" and s.phase == 2
+    assert s.info["model"] == "SentimentMiniLM" and "pub" not in s.info
+    assert [e.id for e in s.pending_edits(3)] == ["e1"] and s.edits["e2"].status == "cancelled"
+    assert [t.to_phase for t in s.transitions] == [1, 2]
+    assert 0 < len(s.lr[TAG.format(0)].xs) <= 51
+    kinds = [e.kind for e in s.log]
+    assert kinds.count("transition") == 2 and "edit" in kinds and "log" in kinds
+    assert s.editable(3) and not s.editable(2) and not s.editable(1)
+
+
+def test_refused_edit_is_logged_not_stored() -> None:
+    s = replayed()
+    ev = Event(kind="edit", seq=10_000, ts=0.0, run=s.run or "", daemon=s.daemon or "",
+               data={"edit": {"id": None, "phase": 1, "changes": {"lr": 1}, "status": "rejected", "error": "phase 1 is already done"}})
+    n = len(s.edits)
+    assert s.apply(ev)
+    assert len(s.edits) == n
+    assert s.log[-1].level == "error" and s.log[-1].text == "edit for phase 1 rejected: phase 1 is already done"
+
+
+def test_stale_queued_copy_never_undoes_a_final_status() -> None:
+    s = replayed()
+    from fts_tui.state import EditInfo
+
+    s.store_edit(EditInfo(id="e1", phase=3, status="queued"))
+    assert s.edits["e1"].status == "applied"
+
+
+def test_unnamed_groups_follow_lightning_pg1_rename() -> None:
+    s = RunState(tolerant=True)
+
+    def lr(seq: int, lrs: dict) -> Event:
+        return Event(kind="lr", seq=seq, ts=float(seq), run="r", daemon="d", data={"lrs": lrs}, step=seq)
+
+    s.load_events([lr(1, {"lr-AdamW": 1.0}), lr(2, {"lr-AdamW": 0.5}), lr(3, {"lr-AdamW/pg1": 0.4, "lr-AdamW/pg2": 1e-5})])
+    assert list(s.lr) == ["lr-AdamW/pg1", "lr-AdamW/pg2"]
+    assert s.lr["lr-AdamW/pg1"].points() == ([1.0, 2.0, 3.0], [1.0, 0.5, 0.4])
+
+
+def test_history_is_bounded() -> None:
+    s = RunState(tolerant=True, series_capacity=256, log_limit=50)
+    seq = 0
+    for i in range(1, 20_001):
+        seq += 1
+        s.apply(Event(kind="lr", seq=seq, ts=i / 100, run="r", daemon="d", data={"lrs": {"a": 1.0 / i, "b": float(i % 7)}}, step=i))
+        if i % 100 == 0:
+            seq += 1
+            s.apply(Event(kind="log", seq=seq, ts=0, run="r", daemon="d", data={"level": "info", "message": "x"}))
+    assert all(len(series.xs) <= 256 for series in s.lr.values())
+    assert len(s.log) == 50 and s.log_total >= 100
+    xs, ys = s.lr["b"].points()
+    assert min(ys) == 0.0 and max(ys) == 6.0  # min/max decimation keeps the extremes
+    assert xs == sorted(xs) and xs[-1] >= 19_990
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(min_value=-1e6, max_value=1e6, allow_nan=False), min_size=1, max_size=3000))
+def test_series_keeps_extremes_order_and_bound(values: list[float]) -> None:
+    series = Series(capacity=64)
+    for i, v in enumerate(values):
+        series.append(float(i), v)
+    xs, ys = series.points()
+    assert len(series.xs) < 64 + 2
+    assert min(ys) == min(values) and max(ys) == max(values)
+    assert xs == sorted(xs) and xs[-1] == len(values) - 1 or len(values) > 64
+    assert series.last_y == values[-1] and series.count == len(values)
+    assert set(zip(xs, ys)) <= set((float(i), v) for i, v in enumerate(values))
+
+
+def test_planned_and_actual_starts_and_scheduler_in_force() -> None:
+    s = replayed()
+    assert s.planned_start_epoch(1) == (4, False) and s.actual_start_epoch(1) == 4
+    assert s.planned_start_epoch(3) == (12, False) and s.actual_start_epoch(3) == 10
+    assert s.scheduler_in_force(0) == ("LinearLR(start_factor=0.1, total_iters=4) (initial)", True)
+    assert s.scheduler_in_force(2) == ("CosineAnnealingWarmRestarts(T_0=3, T_mult=2, eta_min=1e-07)", True)
+    s.set_plan({"steps": [0, 1], "series": {"a": [1.0, None]}, "phase_starts": [{"phase": 0, "epoch": 0, "step": 0}, {"phase": 3, "epoch": 11, "step": 440}]})
+    assert s.planned_start_epoch(3) == (11, False)
+    assert math.isnan(s.plan.series["a"][1])
+
+
+def test_phase_segments_align_at_phase_start() -> None:
+    s = replayed()
+    segments = s.phase_segments(s.metrics["train_loss"])
+    assert [p for p, _, _ in segments] == [0, 1, 2, 3]
+    assert all(xs[0] >= 0 and xs[0] < 5 for _, xs, _ in segments)
+
+
+def test_summarize_params() -> None:
+    assert summarize_params([]) == "0"
+    assert summarize_params(["classifier.bias", "classifier.weight"]) == "2: classifier.bias, classifier.weight"
+    names = [f"encoder.layer.{i}.output.dense.{w}" for i in range(4) for w in ("weight", "bias")]
+    assert summarize_params(names, 80) == "8: encoder.layer.0.*, encoder.layer.1.*, encoder.layer.2.*, encoder.layer.3.*"
+    assert len(summarize_params(names, 20)) == 20
+
+
+def test_chart_rendering_shapes_markers_and_log_axis() -> None:
+    trace = Trace("lr", [0, 1, 2, 3], [1e-5, 1e-6, 0.0, 1e-7])
+    rows = render_chart(ChartSpec([trace], [Marker(2, "P1")], log_y=True, y_format="lr"), 40, 10)
+    text = ["".join(t for t, _ in row) for row in rows]
+    assert len(text) == 10 and all(len(line) == 40 for line in text)
+    assert "P1" in text[0] and any("┊" in line for line in text[1:-1])
+    top = float(text[1].split("┤")[0])
+    assert 5e-6 < top < 2e-5  # the top row is labelled near the max, on a log axis (0.0 is left out)
+    bottom = float(text[-2].split("┤")[0])
+    assert 5e-8 < bottom < 2e-7
+    assert text[-1].strip().startswith("step")
+    empty = render_chart(ChartSpec(empty_text="no data yet"), 30, 6)
+    assert any("no data yet" in "".join(t for t, _ in row) for row in empty)
+
+
+def test_snapshot_does_not_mutate_its_input() -> None:
+    snap = daemon_snapshot(build_run()[:300])
+    before = copy.deepcopy(snap)
+    RunState().apply_snapshot(snap)
+    assert snap == before
