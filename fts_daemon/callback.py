@@ -23,7 +23,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from fts_daemon import compat
-from fts_daemon.engine import Applied, EngineSettings, PhaseEngine
+from fts_daemon.engine import Applied, EngineSettings, PhaseEngine, SimpleHost
 from fts_daemon.planner import InitialSetup, Plan, plan_run, snapshot_initial
 from fts_daemon.reinit import (
     DEFAULT_ALLOWED_PREFIXES,
@@ -68,7 +68,7 @@ class FTSConfigError(MisconfigurationException):
         super().__init__("\n".join(problems))
 
 
-def _shared_param_aliases(module: torch.nn.Module) -> dict[str, str]:
+def shared_param_aliases(module: torch.nn.Module) -> dict[str, str]:
     """Names ``named_parameters()`` hides because they alias an already-registered tensor."""
     seen: dict[int, str] = {}
     aliases: dict[str, str] = {}
@@ -78,6 +78,9 @@ def _shared_param_aliases(module: torch.nn.Module) -> dict[str, str]:
         else:
             seen.setdefault(id(p), name)
     return aliases
+
+
+_shared_param_aliases = shared_param_aliases  # old name, kept for callers written against it
 
 
 class _TrainerHost:
@@ -119,7 +122,7 @@ class FinetuningScheduler(Callback):
 
     def __init__(
         self,
-        ft_schedule: str | os.PathLike[str] | dict | None = None,
+        ft_schedule: str | dict | None = None,  # a path (str or PathLike) or the schedule itself
         max_depth: int = -1,
         base_max_lr: float = 1e-5,
         restore_best: bool = True,
@@ -204,10 +207,13 @@ class FinetuningScheduler(Callback):
     def state_key(self) -> str:
         return "FinetuningScheduler"
 
-    def _allowed_prefixes(self) -> list[str]:
+    def allowed_prefixes(self) -> list[str]:
+        """Class-path prefixes a schedule (or an edit arriving over the wire) may name."""
         if self.allowed_class_prefixes is not None:
-            return self.allowed_class_prefixes
+            return list(self.allowed_class_prefixes)
         return list(DEFAULT_ALLOWED_PREFIXES)
+
+    _allowed_prefixes = allowed_prefixes  # old name, kept for callers written against it
 
     def _emit(self, kind: str, payload: dict[str, Any]) -> None:
         for listener in list(self.listeners):
@@ -312,7 +318,7 @@ class FinetuningScheduler(Callback):
         try:
             raw, implicit = self._raw_schedule(pl_module, param_names)
             schedule, warns = parse_schedule(raw, self.base_max_lr)
-            warns += resolve_params(schedule, param_names, _shared_param_aliases(pl_module))
+            warns += resolve_params(schedule, param_names, shared_param_aliases(pl_module))
         except ScheduleError as err:
             raise FTSConfigError(problems + [str(p) for p in err.problems]) from None
         if problems:
@@ -338,7 +344,7 @@ class FinetuningScheduler(Callback):
             no_decay=no_decay,
             phase0_groups=phase0_groups,
             allow_untested=self.allow_untested,
-            allowed_prefixes=self._allowed_prefixes(),
+            allowed_prefixes=self.allowed_prefixes(),
             strict=self.strict_validation,
             epoch_transitions_only=self.epoch_transitions_only,
             reinit_lr_cfg=lr_spec,
@@ -386,12 +392,14 @@ class FinetuningScheduler(Callback):
         self.max_depth = n - 1 if self.max_depth < 0 else min(self.max_depth, n - 1)
         final = schedule[self.max_depth] if self.max_depth < n else schedule[-1]
         if final.max_transition_epoch >= 0:
+            # as in FTS, the final phase runs until max_epochs, raised to the largest phase epoch if that is later
             wm = max_transition_watermark(schedule)
             new_max = max(wm, trainer.max_epochs if trainer.max_epochs is not None else -1)
-            self._warn(
-                f"phase {final.index} is the final phase: its max_transition_epoch ({final.max_transition_epoch}) "
-                f"is replaced by max(max_epochs={trainer.max_epochs}, largest phase epoch={wm}) = {new_max}"
-            )
+            if new_max != trainer.max_epochs:
+                self._warn(
+                    f"phase {final.index} is the final phase: max_epochs is raised from {trainer.max_epochs} to "
+                    f"{new_max}, the largest max_transition_epoch in the schedule"
+                )
             compat.set_max_epochs(trainer, new_max)
         self.engine = PhaseEngine(
             schedule,
@@ -399,7 +407,7 @@ class FinetuningScheduler(Callback):
                 no_decay=no_decay,
                 apply_lambdas_new_pgs=self.apply_lambdas_new_pgs,
                 allow_untested=self.allow_untested,
-                allowed_prefixes=self._allowed_prefixes(),
+                allowed_prefixes=self.allowed_prefixes(),
                 naming=NamingPolicy(self.name_param_groups),
                 reinit_lr_cfg=opts.reinit_lr_cfg,
                 reinit_optim_cfg=opts.reinit_optim_cfg,
@@ -438,6 +446,7 @@ class FinetuningScheduler(Callback):
                 self._warn(f"allow_untested: trying scheduler {cls.__name__}")
         host = _TrainerHost(trainer)
         if self._restored is not None:
+            self.initial_setup = self._phase0_setup_for_planning(pl_module, host)
             self._resume(trainer, pl_module, host)
         elif self._depth == 0 and self.engine.phase0_mismatch(optimizer, pl_module):
             if self.enforce_phase0_params:
@@ -462,6 +471,19 @@ class FinetuningScheduler(Callback):
             self.initial_setup = snapshot_initial(pl_module, host.optimizer, host.lr_configs)
         self._emit("schedule", self.schedule_payload())
         self._restored = None
+
+    def _phase0_setup_for_planning(self, pl_module: pl.LightningModule, host: _TrainerHost) -> InitialSetup:
+        """On resume, rebuild the planner's phase-0 starting point from configure_optimizers' fresh output.
+
+        At this point only phase 0 is thawed and the optimizer/schedulers are as the module built them, exactly
+        as in the original run's on_fit_start; phase-0 enforcement is replayed on the stand-in copy.
+        """
+        assert self.engine is not None
+        initial = snapshot_initial(pl_module, host.optimizer, host.lr_configs)
+        if self.enforce_phase0_params and self.engine.phase0_mismatch(initial.optimizer, initial.view):  # type: ignore[arg-type]
+            self.engine.enforce_phase0(SimpleHost(initial.optimizer, initial.lr_configs), initial.view)  # type: ignore[arg-type]
+            initial.lr_configs = list(initial.lr_configs)
+        return initial
 
     def schedule_payload(self) -> dict[str, Any]:
         assert self.schedule is not None
@@ -720,7 +742,7 @@ class FinetuningScheduler(Callback):
         if saved_schedule:
             try:
                 schedule, _ = parse_schedule(saved_schedule, self.base_max_lr)
-                resolve_params(schedule, [n for n, _ in pl_module.named_parameters()], _shared_param_aliases(pl_module))
+                resolve_params(schedule, [n for n, _ in pl_module.named_parameters()], shared_param_aliases(pl_module))
             except ScheduleError as err:
                 raise FTSConfigError([f"checkpoint schedule: {p}" for p in err.problems]) from None
             if self.schedule is not None and schedule.to_dict() != self.schedule.to_dict():
@@ -743,7 +765,7 @@ class FinetuningScheduler(Callback):
                 raise FTSConfigError([str(p) for p in problems])
             from fts_daemon.reinit import build_optimizer
 
-            new_opt = build_optimizer(spec, groups, self._allowed_prefixes())
+            new_opt = build_optimizer(spec, groups, self.allowed_prefixes())
             host.set_optimizer(new_opt)
             for cfg in host.lr_configs:
                 cfg.scheduler.optimizer = new_opt
@@ -758,7 +780,7 @@ class FinetuningScheduler(Callback):
             spec_lr, problems = parse_lr_scheduler_spec(lr_spec, None)
             if spec_lr is None:
                 raise FTSConfigError([str(p) for p in problems])
-            host.set_lr_configs([rebuild_scheduler(host.optimizer, spec_lr, self.allow_untested, self._allowed_prefixes())])
+            host.set_lr_configs([rebuild_scheduler(host.optimizer, spec_lr, self.allow_untested, self.allowed_prefixes())])
             self.engine.active_lr_spec = spec_lr
         pad_lambdas(host.lr_configs, len(host.optimizer.param_groups))
         self.transitions = list(state.get("transitions", []))

@@ -90,7 +90,9 @@ CASES: dict[str, dict[str, Any]] = {
 MAX_EPOCHS = 9
 
 
-def _run(tmp: Path, case: dict[str, Any], ckpt_path: str | None = None) -> tuple[LRRecorder, TinyNet, Path]:
+def _run(
+    tmp: Path, case: dict[str, Any], ckpt_path: str | None = None
+) -> tuple[LRRecorder, TinyNet, Path, FinetuningScheduler]:
     torch.manual_seed(0)
     model = TinyNet(**case.get("model", {}))
     rec = LRRecorder()
@@ -102,17 +104,17 @@ def _run(tmp: Path, case: dict[str, Any], ckpt_path: str | None = None) -> tuple
         callbacks.insert(1, FTSEarlyStopping(monitor="val_loss", patience=1))
     t = trainer(tmp, callbacks, max_epochs=MAX_EPOCHS)
     t.fit(model, *loaders(), ckpt_path=ckpt_path)
-    return rec, model, ckpt_dir
+    return rec, model, ckpt_dir, fts
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_resume_is_bitwise_identical(tmp_path: Path, name: str) -> None:
     case = CASES[name]
-    full, full_model, ckpt_dir = _run(tmp_path / "full", case)
+    full, full_model, ckpt_dir, full_fts = _run(tmp_path / "full", case)
     k = case["resume_after"]
     ckpt = ckpt_dir / f"epoch={k}.ckpt"
     assert ckpt.exists(), sorted(p.name for p in ckpt_dir.iterdir())
-    resumed, resumed_model, _ = _run(tmp_path / "resumed", case, ckpt_path=str(ckpt))
+    resumed, resumed_model, _, resumed_fts = _run(tmp_path / "resumed", case, ckpt_path=str(ckpt))
     steps_per_epoch = 4  # 64 samples, batch 16
     expected = full.steps[(k + 1) * steps_per_epoch :]
     assert len(resumed.steps) == len(expected)
@@ -122,11 +124,13 @@ def test_resume_is_bitwise_identical(tmp_path: Path, name: str) -> None:
     assert [e[:2] for e in resumed.epochs] == [e[:2] for e in full.epochs[k + 1 :]]
     for (n, a), (_, b) in zip(full_model.named_parameters(), resumed_model.named_parameters()):
         assert torch.equal(a, b), f"weights of {n} differ after resume"
+    # the planner works after a resume and plans the same run
+    assert resumed_fts.plan(max_epochs=MAX_EPOCHS).to_dict() == full_fts.plan(max_epochs=MAX_EPOCHS).to_dict()
 
 
 def test_resumed_run_rebuilds_reinitialized_scheduler_class(tmp_path: Path) -> None:
     case = CASES["steplr-then-cawr"]
-    _, _, ckpt_dir = _run(tmp_path / "full", case)
+    _, _, ckpt_dir, _ = _run(tmp_path / "full", case)
     model = TinyNet()
     fts = FinetuningScheduler(restore_best=False, **copy.deepcopy(case["kw"]))
     seen: list[str] = []
