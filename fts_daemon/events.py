@@ -23,12 +23,13 @@ PROTOCOL_VERSION = 1
 TOPIC_PREFIX = f"fts.v{PROTOCOL_VERSION}."
 
 # Event kinds and what their ``data`` holds:
-STATE = "state"  # {"state": one of RUN_STATES, "error": str | None}
+STATE = "state"  # {"state": one of RUN_STATES, "error": str | None, plus "phase", "resume", "to", "reason", "checkpoint"}
 SCHEDULE = "schedule"  # {"phases": [...], "depth": int, "max_depth": int, "groups": [[label, ...] per phase]}
 TRANSITION = "transition"  # {"from", "to", "reason", "epoch", "step", "new_groups", "scheduler", "optimizer", "groups"}
 LR = "lr"  # {"lrs": {group tag: lr}} one event per optimizer step holding every group
 METRIC = "metric"  # {"metrics": {name: float}, "stage": "train" | "val"}
-EDIT = "edit"  # {"edit": {"id", "phase", "changes", "status", "error", "created", "applied_step"}}
+EDIT = "edit"  # {"edit": {"id", "phase", "changes", "status", "error", "warnings", "created", "applied_step"}}
+#                  a refused edit is published too, with "id": null and "status": "rejected"
 LOG = "log"  # {"level": "info" | "warning" | "error", "message": str}
 HEARTBEAT = "heartbeat"  # {"state": str, "phase": int}
 
@@ -36,7 +37,7 @@ KINDS = (STATE, SCHEDULE, TRANSITION, LR, METRIC, EDIT, LOG, HEARTBEAT)
 RUN_STATES = ("starting", "training", "transition", "stopping", "finished", "failed")
 EDIT_STATUSES = ("queued", "cancelled", "applied", "rejected")
 
-# Control ops the daemon answers.
+# Control ops the daemon answers (arguments in docs/protocol.md; e.g. ``stop`` takes ``when``: "step" | "epoch").
 OPS = ("hello", "snapshot", "queue_edit", "cancel_edit", "list_edits", "plan", "stop")
 
 # Hard limits on the wire: anything larger is dropped unread (the daemon never parses oversized frames).
@@ -119,7 +120,10 @@ def _json_safe(value: Any) -> Any:
 
 
 def dumps(obj: Any) -> bytes:
-    return json.dumps(_json_safe(obj), separators=(",", ":"), allow_nan=False).encode("utf-8")
+    try:  # almost every payload is finite: skip the scrubbing walk unless the plain encoder refuses
+        return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    except ValueError:
+        return json.dumps(_json_safe(obj), separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
 def loads(raw: bytes | str, limit: int = MAX_EVENT_BYTES) -> Any:
