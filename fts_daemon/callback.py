@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -649,7 +650,13 @@ class FinetuningScheduler(Callback):
         if self.initial_setup is None:
             raise RuntimeError("the run has not started yet (no phase-0 optimizer to plan from)")
         trainer = self.trainer
-        steps = steps_per_epoch if steps_per_epoch is not None else int(trainer.num_training_batches)
+        if steps_per_epoch is None:
+            batches = trainer.num_training_batches
+            if not isinstance(batches, int) and not (isinstance(batches, float) and math.isfinite(batches)):
+                # Lightning sets this when the train loader is built, just after on_fit_start
+                raise RuntimeError("no plan yet: the number of steps per epoch is known once training starts")
+            steps_per_epoch = int(batches)
+        steps = steps_per_epoch
         epochs = max_epochs if max_epochs is not None else int(trainer.fit_loop.max_epochs or 0)
         actual = {t["to"]: t["epoch"] for t in self.transitions if t.get("from") is not None}
         actual.update(transition_epochs or {})

@@ -371,7 +371,10 @@ class Daemon:
             if not isinstance(transition_epochs, dict):
                 raise OpError("`transition_epochs` must map phase numbers to epochs")
             transition_epochs = {int(k): int(v) for k, v in transition_epochs.items()}
-        return fts.plan(schedule=schedule, transition_epochs=transition_epochs).to_dict()
+        try:
+            return fts.plan(schedule=schedule, transition_epochs=transition_epochs).to_dict()
+        except RuntimeError as err:  # e.g. asked before the train loader exists: an answer, not a crash
+            raise OpError(str(err)) from None
 
     def _op_stop(self, args: dict[str, Any]) -> Any:
         when = args.get("when", "step")

@@ -257,3 +257,22 @@ def test_seed_full_schedules_resolve_against_deberta_names() -> None:
         assert len(schedule[2].resolved) == 1 + 36 + 2  # rel_embeddings, 12 layers x 3 parts, embeddings LayerNorm
     with pytest.raises(ScheduleError):
         parse_schedule(parse_yaml_text("0:\n  params: [a]\n0:\n  params: [b]\n"))
+
+
+def test_plan_before_the_train_loader_exists_says_so(tmp_path: Path) -> None:
+    import pytorch_lightning as pl
+
+    errors: list[str] = []
+
+    class AskEarly(pl.Callback):
+        def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+            try:
+                fts.plan()
+            except RuntimeError as err:
+                errors.append(str(err))
+
+    fts = FinetuningScheduler(ft_schedule=explicit_schedule(), restore_best=False)
+    t = trainer(tmp_path, [fts, FTSEarlyStopping(monitor="val_loss", patience=1), AskEarly()], max_epochs=1)
+    t.fit(TinyNet(), *loaders())
+    assert errors and errors[0].startswith("no plan yet")
+    assert len(fts.plan().steps) == 4  # once training ran, steps per epoch are known
