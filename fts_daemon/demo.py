@@ -9,6 +9,7 @@ Quitting the TUI leaves training running; the demo prints how to re-attach, stop
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -53,8 +54,16 @@ def main(argv: list[str] | None = None) -> int:
         print("the daemon did not start (see above)", file=sys.stderr)
         return started.returncode
     code = subprocess.call([sys.executable, "-m", "fts_tui.cli", "attach", run])
+    status = subprocess.run(
+        [sys.executable, "-m", "fts_daemon.cli", "status", run, "--json"], capture_output=True, text=True, check=False
+    )
+    try:
+        state = json.loads(status.stdout).get("state") if status.returncode == 0 else None
+    except ValueError:
+        state = None
+    where = "has ended" if state in ("finished", "failed") else "keeps training in the background"
     print(
-        f"\nThe run '{run}' keeps training in the background.\n"
+        f"\nThe run '{run}' {where}" + (f" ({state})" if state else "") + ".\n"
         f"  re-attach:    .venv/bin/fts-tui attach {run}\n"
         f"  status:       .venv/bin/fts-daemon status {run}\n"
         f"  stop:         .venv/bin/fts-daemon stop {run}\n"
