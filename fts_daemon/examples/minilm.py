@@ -155,6 +155,7 @@ class MiniLMClassifier(pl.LightningModule):
         self.save_hyperparameters()
         transformers = _transformers()
         self.model = transformers.AutoModel.from_pretrained(model_dir(), add_pooling_layer=False)
+        self.model.train()  # from_pretrained returns eval mode; fine-tuned layers need their dropout
         self.dropout = torch.nn.Dropout(dropout)
         self.classifier = torch.nn.Linear(self.model.config.hidden_size, num_classes)
         self.optimizer_init = optimizer_init or {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3}}
