@@ -6,8 +6,9 @@
    the training thread's own CPU time per step, which other processes do not disturb). Target: >= 0.98.
 2. Bus throughput: the highest paced rate of ``lr`` events (8 groups each) that one subscriber process receives with
    no loss, plus the unpaced burst rate and how much of it arrived.
-3. Per-event cost on the training thread: ``EventBus.publish`` (what the tap calls), against the alternatives:
-   ``queue.Queue.put_nowait`` and an inproc PAIR socket (which needs the event encoded on the training thread).
+3. Per-event cost on the training thread: ``EventBus.publish`` (what the tap calls) in a burst and as the first
+   event after a pause (when it wakes the sleeping I/O thread), against the alternatives: ``queue.Queue.put_nowait``
+   and an inproc PAIR socket (which needs the event encoded on the training thread).
 
     python bench/daemon_bench.py              # everything (about 2-3 minutes on 2 cores)
     python bench/daemon_bench.py --quick      # fewer pairs and rates
@@ -113,6 +114,28 @@ def per_event_cost(n: int) -> dict[str, float]:
         for i in range(n):
             bus.publish(ev.LR, LR_DATA, i, 0)
         out["bus_publish_live"] = (time.perf_counter() - t) / n * 1e6
+        # the first event after a pause: the I/O thread sleeps, so publish() also writes its wake-up byte
+        total, pauses = 0.0, min(n // 100, 2000)
+        for i in range(pauses):
+            time.sleep(0.002 + bus.config.batch_ms / 1000)  # the batch gap has passed: the I/O thread is asleep
+            t = time.perf_counter()
+            bus.publish(ev.LR, LR_DATA, i, 0)
+            total += time.perf_counter() - t
+        out["bus_publish_after_pause"] = total / pauses * 1e6
+        # paced like training: an lr and a metric event per step at 300 and at 30 steps/s (mean per event)
+        for steps_per_s in (300, 30):
+            total, count, period = 0.0, 0, 1.0 / steps_per_s
+            next_step = time.perf_counter()
+            for i in range(max(steps_per_s, 60)):
+                next_step += period
+                while time.perf_counter() < next_step:
+                    time.sleep(period / 4)
+                t = time.perf_counter()
+                bus.publish(ev.LR, LR_DATA, i, 0)
+                bus.publish(ev.METRIC, {"metrics": {"train_loss": 0.5}, "stage": "train"}, i, 0)
+                total += time.perf_counter() - t
+                count += 2
+            out[f"bus_publish_paced_{steps_per_s}_steps_s"] = total / count * 1e6
         bus.close()
         # the same call with nothing draining (pure enqueue)
         idle = EventBus(BusConfig(run="b", pub=f"ipc://{tmp}/p2", ctl=f"ipc://{tmp}/c2", queue_limit=n + 10))

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from fts_daemon import registry
 from fts_daemon.client import Control, ControlError
@@ -36,11 +35,38 @@ def _out(obj: Any) -> None:
 
 
 def _value(text: str) -> Any:
-    """A command-line value as YAML (so 1e-3, true, [1, 2] and plain words all work)."""
+    """A command-line value as YAML (so 1e-3, true, [1, 2] and plain words all work), read with the schedule
+    loader's rules: an alias bomb or a duplicate key is refused (not expanded into a huge request)."""
+    from fts_daemon.schedule import ScheduleError, parse_yaml_text
+
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
+        return parse_yaml_text(text, source="value")
+    except ScheduleError as err:
+        message = str(err)
+        if "alias bomb" in message or "duplicate key" in message or "longer than" in message:
+            raise SystemExit(f"fts-daemon: {text[:40]!r}...: {message}") from None
+        return text  # not YAML: a plain word
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _check_finite(value: Any, where: str) -> None:
+    """JSON cannot carry NaN or infinity: sent anyway they arrive as null, which *removes* a key. Refuse them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SystemExit(f"fts-daemon: {where} = {value}: not a finite number")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_finite(item, f"{where}[{i}]")
 
 
 def _pairs(items: list[str] | None, what: str) -> dict[str, Any]:
@@ -91,11 +117,11 @@ def _start_options(args: argparse.Namespace, passthrough: list[str]) -> Any:
 
 
 def cmd_start(args: argparse.Namespace, passthrough: list[str]) -> int:
-    from fts_daemon.runner import ConfigError, Daemon, resolve_run_location
+    from fts_daemon.runner import ConfigError, Daemon, launch_rank, resolve_run_location
 
     options = _start_options(args, passthrough)
     try:
-        resolve_run_location(options)
+        resolve_run_location(options, launch_rank())  # a DDP rank other than 0 joins rank 0's run
     except (ConfigError, registry.RegistryError) as err:
         print(f"fts-daemon: {err}", file=sys.stderr)
         return 2
@@ -257,9 +283,11 @@ def _changes_from_args(args: argparse.Namespace) -> dict[str, Any]:
     changes: dict[str, Any] = {}
     if args.changes:
         try:
-            loaded = json.loads(args.changes)
+            loaded = json.loads(args.changes, object_pairs_hook=_unique_keys)
         except ValueError as err:
             raise SystemExit(f"fts-daemon: --changes is not JSON: {err}") from None
+        except RecursionError:
+            raise SystemExit("fts-daemon: --changes is not JSON: nested too deeply") from None
         if not isinstance(loaded, dict):
             raise SystemExit("fts-daemon: --changes must be a JSON object")
         changes.update(loaded)
@@ -284,6 +312,7 @@ def _changes_from_args(args: argparse.Namespace) -> dict[str, Any]:
     opt = _init_block(args.optimizer, args.optimizer_arg, "--optimizer-arg")
     if opt:
         changes["new_optimizer"] = {"optimizer_init": opt}
+    _check_finite(changes, "changes")
     return changes
 
 

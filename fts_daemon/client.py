@@ -1,7 +1,7 @@
-"""Client side of protocol v1: a blocking control client and the Clone-pattern bookkeeping.
+"""Client side of protocol v1: a blocking control client and a blocking Clone-pattern follower.
 
-Torch-free. :class:`CloneTracker` is pure (no sockets), so any client -- the blocking :class:`Follower` here, or an
-asyncio one in a TUI -- can share the rules for combining a snapshot with the live stream:
+Torch-free. The rules for combining a snapshot with the live stream live in :mod:`fts_daemon.clone` (no sockets, no
+ZeroMQ), so any client -- the blocking :class:`Follower` here, or the TUI's asyncio one -- shares them:
 
 1. subscribe first, buffering events;
 2. ask ``snapshot``; it is current to ``seq`` N of daemon D;
@@ -20,6 +20,9 @@ from typing import Any
 import zmq
 
 from fts_daemon import events as ev
+from fts_daemon.clone import CloneTracker
+
+__all__ = ["CloneTracker", "Control", "ControlError", "CurveClientKeys", "Follower"]
 
 
 class ControlError(RuntimeError):
@@ -67,7 +70,11 @@ class Control:
 
     def request(self, op: str, timeout: float | None = None, **args: Any) -> Any:
         req_id = next(self._ids)
-        self.sock.send(ev.request(op, req_id, **args))
+        body = ev.request(op, req_id, **args)
+        if len(body) > ev.MAX_REQUEST_BYTES:  # the daemon would drop it unread: say so instead of timing out
+            raise ControlError(f"{op} request of {len(body)} bytes is over the protocol's {ev.MAX_REQUEST_BYTES}-byte "
+                               "limit")
+        self.sock.send(body)
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
             left = deadline - time.monotonic()
@@ -90,50 +97,6 @@ class Control:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-class CloneTracker:
-    """Decides, per received event, whether to apply it, skip it, or re-snapshot (no I/O)."""
-
-    APPLY, SKIP, BUFFER, RESNAPSHOT = "apply", "skip", "buffer", "resnapshot"
-
-    def __init__(self) -> None:
-        self.seq: int | None = None
-        self.daemon: str | None = None
-        self.buffer: list[ev.Event] = []
-        self.gaps = 0
-
-    def on_event(self, event: ev.Event) -> str:
-        if self.seq is None:
-            self.buffer.append(event)
-            return self.BUFFER
-        if event.daemon != self.daemon:
-            return self._lost()
-        if event.seq <= self.seq:
-            return self.SKIP
-        if event.seq != self.seq + 1:
-            return self._lost()
-        self.seq = event.seq
-        return self.APPLY
-
-    def _lost(self) -> str:
-        self.gaps += 1
-        self.seq = None
-        self.buffer = []
-        return self.RESNAPSHOT
-
-    def on_snapshot(self, snapshot: dict[str, Any]) -> list[ev.Event]:
-        """Take a snapshot; return the buffered events to apply after it (raises nothing: a gap re-arms)."""
-        self.seq, self.daemon = int(snapshot["seq"]), str(snapshot["daemon"])
-        pending, self.buffer = self.buffer, []
-        out = []
-        for event in pending:
-            verdict = self.on_event(event)
-            if verdict == self.APPLY:
-                out.append(event)
-            elif verdict == self.RESNAPSHOT:
-                return []
-        return out
 
 
 class Follower:

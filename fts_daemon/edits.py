@@ -138,8 +138,13 @@ class Journal:
     def append(self, record: dict[str, Any]) -> None:
         new = not self.path.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"ts": time.time(), **record}, separators=(",", ":")) + "\n")
+        line = json.dumps({"ts": time.time(), **record}, separators=(",", ":")) + "\n"
+        with open(self.path, "a+b") as fh:
+            if fh.tell() > 0:  # a failed write (disk full) may have left a torn line: never glue a record onto it
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":
+                    line = "\n" + line
+            fh.write(line.encode("utf-8"))
             fh.flush()
             os.fsync(fh.fileno())
         if new:  # the file's directory entry must survive a crash too
@@ -283,9 +288,13 @@ class EditQueue:
                 edit.warnings = [w for w in report.warnings if w.startswith(f"phase {index}:")]
                 if index > fts.max_depth:
                     edit.warnings.append(f"phase {index} is beyond max_depth={fts.max_depth}; it will not run")
+                try:  # durable first: an edit the journal does not hold is refused, never queued in memory only
+                    self.journal.append({"type": "queued", "edit": edit.to_dict()})
+                except OSError as err:
+                    raise EditError(f"cannot write the edit journal {self.journal.path}: {err.strerror or err}; "
+                                    "the edit was not queued") from None
                 self._next_id += 1
                 self._edits[edit.id] = edit
-                self.journal.append({"type": "queued", "edit": edit.to_dict()})
                 record = edit.to_dict()
         except EditError as err:
             self.publish(ev.EDIT, {"edit": {"id": None, "phase": phase if isinstance(phase, int) else None,
@@ -370,7 +379,7 @@ class EditQueue:
 
     def _candidate(self, overrides: Mapping[int, list[Edit]]) -> tuple[Schedule, ValidationReport]:
         """The live schedule with ``overrides`` merged, parsed, resolved and validated as the engine would."""
-        from fts_daemon.callback import _shared_param_aliases
+        from fts_daemon.callback import shared_param_aliases
         from fts_daemon.validation import validate_schedule
 
         fts, module = self._fts, self._module
@@ -383,7 +392,7 @@ class EditQueue:
             raw[index] = phase
         try:
             schedule, _ = parse_schedule(raw, fts.base_max_lr)
-            resolve_params(schedule, [n for n, _ in module.named_parameters()], _shared_param_aliases(module))
+            resolve_params(schedule, [n for n, _ in module.named_parameters()], shared_param_aliases(module))
             report = validate_schedule(
                 schedule, fts.validation_options(self._n0, getattr(module, "no_decay", None))
             )

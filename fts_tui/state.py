@@ -5,10 +5,11 @@ it; the app reads it from a timer (about 10 Hz) and redraws only the parts named
 History is bounded: LR and metric series are :class:`~fts_tui.series.Series` (fixed storage, min/max decimated),
 the event log is a ``deque`` with a limit, so memory does not grow with the length of a run.
 
-Sequence rules (live): an event whose ``seq`` is at or below the last one applied is a duplicate and is dropped;
-one that skips numbers, or comes from another daemon start or run, is not applied and sets
-:attr:`RunState.needs_resync` so the client asks for a fresh snapshot. A replay is tolerant instead: a recording
-may hold several daemon starts (a resumed run), and it is read in order as it is.
+Sequence rules (live): those of :mod:`fts_daemon.clone` (shared with every other client): an event whose ``seq``
+is at or below the last one applied is a duplicate and is dropped; one that skips numbers, or comes from another
+daemon start or run, is not applied and sets :attr:`RunState.needs_resync` so the client asks for a fresh snapshot.
+A replay is tolerant instead: a recording may hold several daemon starts (a resumed run), and it is read in order
+as it is.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fts_daemon import clone
 from fts_daemon.events import Event
 from fts_tui.series import Series
 
@@ -302,17 +304,17 @@ class RunState:
     def apply(self, event: Event | Mapping[str, Any]) -> bool:
         """Apply one event; False when it was dropped (duplicate, or a resync is needed first)."""
         ev = event if isinstance(event, Event) else Event.from_dict(event)
-        if self.daemon is not None and (ev.daemon != self.daemon or ev.run != self.run):
-            if not self.tolerant:
-                what = "run changed" if ev.run != self.run else "daemon restarted"
-                self._want_resync(f"{what} ({ev.daemon})")
+        if self.daemon is not None:
+            action, reason = clone.verdict(ev, self.last_seq, self.daemon, self.run)
+            if action == clone.SKIP:
                 return False
-            self.daemon, self.last_seq = ev.daemon, 0  # a recording that spans a resumed run
-        if ev.seq <= self.last_seq and self.daemon is not None:
-            return False
-        if self.daemon is not None and ev.seq > self.last_seq + 1 and not self.tolerant:
-            self._want_resync(f"missed events {self.last_seq + 1}..{ev.seq - 1}")
-            return False
+            if action == clone.RESNAPSHOT:
+                if not self.tolerant:
+                    self._want_resync(reason)
+                    return False
+                if ev.daemon != self.daemon or ev.run != self.run:
+                    self.last_seq = 0  # a recording that spans a resumed run: the next start numbers from 1
+                # a replay applies what the recording holds, gaps included
         self.run, self.daemon, self.last_seq = ev.run, ev.daemon, ev.seq
         self.events_applied += 1
         self.last_event_ts = ev.ts
@@ -604,9 +606,8 @@ class RunState:
         return None
 
     def metric_names(self) -> list[str]:
-        """Logged metrics, train first; LearningRateMonitor's own keys are LRs (the LR chart has them), not metrics."""
-        names = [n for n in self.metrics if n not in self.lr and not n.startswith("lr-")]
-        return sorted(names, key=lambda n: (self.metric_stage.get(n) != "train", n))
+        """Logged metrics, train first (the daemon sends no LR keys as metrics: LRs have their own events)."""
+        return sorted(self.metrics, key=lambda n: (self.metric_stage.get(n) != "train", n))
 
     def phase_segments(self, series: Series) -> list[tuple[int, list[float], list[float]]]:
         """Split ``series`` at phase starts, each x shifted to steps since its phase began (the overlay view)."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import PurePath
+from typing import Any
 
 from fts_tui.edits import effective_phase
 from fts_tui.plot import ChartSpec, Marker, Trace, color_for
@@ -59,6 +61,12 @@ class LegendEntry:
         return self.label, self.color, self.dotted
 
 
+def config_names(config: Any) -> str:
+    """The config file names a run was started with (the daemon sends absolute paths: one or a list)."""
+    paths = [config] if isinstance(config, str) else config if isinstance(config, list) else []
+    return ", ".join(PurePath(str(p)).name for p in paths if p)
+
+
 def header_lines(state: RunState, now: float, source: str) -> list[list[Cell]]:
     """Two rows: the run, then where the data comes from and how fresh it is."""
     run = state.run or "(no run yet)"
@@ -66,6 +74,9 @@ def header_lines(state: RunState, now: float, source: str) -> list[list[Cell]]:
     first: list[Cell] = [("fts ", "bold"), (run, "bold #4fc3f7")]
     if model:
         first += [("  ", ""), (str(model), "")]
+    configs = config_names(state.info.get("config"))
+    if configs:
+        first += [(" ", ""), (f"({configs})", "dim")]
     first += [("  ● ", STATUS_STYLE.get(state.status, "")), (state.status, STATUS_STYLE.get(state.status, ""))]
     if state.phases:
         top = state.max_depth if state.max_depth is not None else state.n_phases - 1

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fts_daemon import events as ev
-from fts_daemon.bus import BindRefused, BusConfig, CurveKeys, Downsampler, EventBus, OpError, check_endpoint
+from fts_daemon.bus import BindRefused, BusConfig, CurveKeys, Downsampler, EventBus, OpError, RunHistory, check_endpoint
 from fts_daemon.client import CloneTracker, Control, ControlError, CurveClientKeys, Follower
 
 from .daemon_support import private_runtime_dir, read_events, wait_for
@@ -278,15 +278,69 @@ def test_curve_admits_only_authorized_clients(tmp_path: Path) -> None:
         bus.close()
 
 
-@given(st.integers(min_value=2, max_value=50), st.integers(min_value=0, max_value=2000))
-def test_downsampler_is_bounded_and_keeps_ends(max_points: int, n: int) -> None:
+@given(
+    st.integers(min_value=8, max_value=60),
+    st.lists(st.floats(min_value=-1e3, max_value=1e3, allow_nan=False), max_size=3000),
+)
+def test_downsampler_is_bounded_keeps_newest_and_extremes(max_points: int, ys: list[float]) -> None:
     d = Downsampler(max_points)
-    for i in range(n):
-        d.add(i)
+    for i, y in enumerate(ys):
+        d.add((i, y))
     values = d.values()
     assert len(values) <= max_points + 1
-    if n:
-        assert values[0] == 0 and values[-1] == n - 1
-        assert values == sorted(set(values))
-        gaps = {b - a for a, b in zip(values[:-2], values[1:-1])}
-        assert len(gaps) <= 1  # evenly strided (the newest point may sit off the stride)
+    if ys:
+        assert values[-1] == (len(ys) - 1, ys[-1])
+        steps = [p[0] for p in values]
+        assert steps == sorted(set(steps))
+        kept = [p[1] for p in values]
+        assert min(kept) == min(ys) and max(kept) == max(ys)  # min/max per bucket: the extremes always survive
+
+
+def test_downsampled_lr_history_keeps_every_reset() -> None:
+    """StepLR-like decay restarted by a reinitialization every 700 steps: each restart's peak is in the snapshot."""
+    history = RunHistory(max_points=100)
+    resets, lrs = {}, []
+    for step in range(10_000):
+        cycle, k = divmod(step, 700)
+        lr = (1e-3 / (cycle + 1)) * 0.99**k
+        lrs.append(lr)
+        if k == 0:
+            resets[step] = lr
+        history.ingest(ev.Event(kind=ev.LR, seq=step + 1, ts=0.0, run="r", daemon="d", data={"lrs": {"lr": lr}},
+                                step=step))
+    points = history.snapshot()["lr"]["lr"]
+    assert len(points) <= 101
+    kept = set(points)
+    assert all((step, lr) in kept for step, lr in resets.items())
+    assert min(p[1] for p in points) == min(lrs) and points[-1] == (9_999, lrs[-1])
+
+
+def test_an_event_after_a_quiet_spell_is_sent_at_once(rt: Path, tmp_path: Path) -> None:
+    """The sleeping I/O thread is woken by the publish (poll_ms is a long 2 s here: a timer would be too late)."""
+    import statistics
+    import time
+
+    bus = make_bus(rt, tmp_path, heartbeat_s=60, poll_ms=2000, batch_ms=10)
+    try:
+        ctx = zmq.Context.instance()
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(bus.endpoints[0])
+        wait_for(lambda: bus.publish(ev.LOG, {"level": "info", "message": "hi"}) and sub.poll(50))
+        while sub.poll(0):
+            sub.recv_multipart()
+        lags, replies = [], []
+        for step in range(5):
+            time.sleep(0.2)  # the I/O thread is asleep again
+            bus.publish(ev.LR, {"lrs": {"lr": 0.1}}, step, 0)
+            assert sub.poll(1000)
+            got = ev.decode_event(sub.recv_multipart())
+            lags.append(time.time() - got.ts)
+            with Control(bus.endpoints[1]) as c:
+                t = time.perf_counter()
+                c.request("hello")
+                replies.append(time.perf_counter() - t)
+        sub.close(0)
+    finally:
+        bus.close()
+    assert statistics.median(lags) < 0.1 and statistics.median(replies) < 0.1, (lags, replies)

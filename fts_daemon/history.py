@@ -1,0 +1,284 @@
+"""A run's history: reading ``events.jsonl``, and :class:`RunHistory`, the state a late subscriber's snapshot holds.
+
+Torch-free and ZeroMQ-free: the daemon's event bus folds every event it sends into a :class:`RunHistory` (and, on
+``--resume``, first the events of earlier starts read back from the run dir); ``fts-tui replay`` reads recordings
+with :func:`iter_events`.
+
+A recording is one JSON event per line, appended by the daemon. A run that crashed, or is still being written, can
+end in a torn line; that line is skipped and reported, never fatal. A bad line elsewhere is skipped and counted too,
+so one corrupt record does not hide the rest of the run.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fts_daemon import events as ev
+
+EVENTS_FILE = "events.jsonl"
+
+# --------------------------------------------------------------------------------------------------- recordings
+
+
+@dataclass
+class ReadReport:
+    """What reading a recording found."""
+
+    path: Path
+    events: int = 0
+    torn_tail: bool = False
+    bad_lines: list[int] = field(default_factory=list)  # 1-based line numbers skipped (not counting a torn tail)
+
+    def describe(self) -> str:
+        parts = [f"{self.events} events from {self.path}"]
+        if self.torn_tail:
+            parts.append("last line torn (skipped)")
+        if self.bad_lines:
+            shown = ", ".join(map(str, self.bad_lines[:5])) + ("…" if len(self.bad_lines) > 5 else "")
+            parts.append(f"{len(self.bad_lines)} unreadable line(s) skipped: {shown}")
+        return "; ".join(parts)
+
+
+def events_path(target: str | Path) -> Path:
+    """``RUN_DIR`` or a path to the jsonl file itself."""
+    path = Path(target).expanduser()
+    if path.is_dir():
+        path = path / EVENTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {EVENTS_FILE} at {path}")
+    return path
+
+
+def _event(obj: Any) -> ev.Event:
+    """An event from a decoded line: the light checks a recording needs (the daemon wrote these lines itself).
+
+    ``Event.from_dict`` validates every field for data off the wire; here a wrong type only has to be caught, and
+    ``KeyError``/``TypeError``/``ValueError`` mark the line unreadable, which is ~4x cheaper on a long run.
+    """
+    kind, seq, data = obj["kind"], obj["seq"], obj["data"]
+    if obj["v"] != ev.PROTOCOL_VERSION or kind not in ev.KINDS or type(seq) is not int or type(data) is not dict:
+        raise ValueError("not an fts v1 event")
+    return ev.Event(kind, seq, obj["ts"], obj["run"], obj["daemon"], data, obj.get("step"), obj.get("epoch"))
+
+
+def iter_events(path: Path, report: ReadReport) -> Iterator[ev.Event]:
+    with path.open("rb") as fh:
+        data = fh.read()
+    lines = data.split(b"\n")
+    # a file that does not end with a newline ends in a line still being (or never fully) written
+    last_complete = len(lines) - 1 if data.endswith(b"\n") or not data else len(lines) - 2
+    numbered = [(i, raw) for i, raw in enumerate(lines) if raw.strip()]
+    try:  # one decoder call for the whole file is much faster than one per line; any bad line falls back
+        objs: list[Any] = json.loads(b"[" + b",".join(raw for _, raw in numbered) + b"]")
+    except ValueError:
+        objs = []
+        for _, raw in numbered:
+            try:
+                objs.append(json.loads(raw))
+            except ValueError:
+                objs.append(None)
+    for (i, _), obj in zip(numbered, objs):
+        try:
+            event = _event(obj)
+        except (AttributeError, KeyError, TypeError, ValueError):
+            if i > last_complete:
+                report.torn_tail = True
+            else:
+                report.bad_lines.append(i + 1)
+            continue
+        report.events += 1
+        yield event
+
+
+def read_events(target: str | Path) -> tuple[list[ev.Event], ReadReport]:
+    path = events_path(target)
+    report = ReadReport(path=path)
+    return list(iter_events(path, report)), report
+
+
+# --------------------------------------------------------------------------------------------------- series
+
+
+def _low(point: Any) -> float:
+    value = point[-1]
+    return value if value is not None and value == value else math.inf
+
+
+def _high(point: Any) -> float:
+    value = point[-1]
+    return value if value is not None and value == value else -math.inf
+
+
+def _extremes(points: list[Any]) -> list[Any]:
+    """The lowest and the highest point (by the last element, NaN/None ignored) in their order; the ends if flat."""
+    if len(points) <= 2:
+        return list(points)
+    lo = min(range(len(points)), key=lambda i: _low(points[i]))
+    hi = max(range(len(points)), key=lambda i: _high(points[i]))
+    if lo == hi:
+        lo, hi = 0, len(points) - 1
+    return [points[lo], points[hi]] if lo < hi else [points[hi], points[lo]]
+
+
+class Downsampler:
+    """A bounded series of points (tuples whose first element is the step and last the value).
+
+    Every point is kept until ``max_points`` would be exceeded; then each run of four stored points is replaced by
+    its lowest and highest one (in step order), halving the storage, and later points are gathered into buckets of
+    the same width, each stored as its lowest and highest point. So spikes and LR resets survive (keeping every k-th
+    point would drop them), the whole run stays covered evenly, and :meth:`values` ends with the newest point.
+    """
+
+    def __init__(self, max_points: int):
+        self.max_points = max(8, int(max_points))
+        self._limit = self.max_points - 2  # stored points; values() adds a bucket's two extremes and the last point
+        self.stride = 1  # raw points per stored pair once decimated (1: every point is stored as is)
+        self.count = 0
+        self.points: list[Any] = []
+        self.pending: list[Any] = []  # raw points of the bucket being filled
+        self.last: Any = None
+
+    def add(self, point: Any) -> None:
+        self.count += 1
+        self.last = point
+        if self.stride == 1:
+            self.points.append(point)
+        else:
+            self.pending.append(point)
+            if len(self.pending) < self.stride:
+                return
+            self.points.extend(_extremes(self.pending))
+            self.pending = []
+        if len(self.points) > self._limit:
+            self._compact()
+
+    def _compact(self) -> None:
+        pts = self.points
+        n = len(pts) - len(pts) % 4
+        out: list[Any] = []
+        for start in range(0, n, 4):
+            out.extend(_extremes(pts[start : start + 4]))
+        out.extend(pts[n:])  # a partial group (only right after a rewind) stays as it is
+        self.points = out
+        self.stride = 4 if self.stride == 1 else self.stride * 2
+
+    def rewind(self, step: Any) -> None:
+        """Forget the points at ``step`` or later (a resumed run repeats them from an earlier checkpoint)."""
+        self.points = [p for p in self.points if p[0] is None or p[0] < step]
+        self.pending = [p for p in self.pending if p[0] is None or p[0] < step]
+        self.last = self.pending[-1] if self.pending else self.points[-1] if self.points else None
+
+    def values(self) -> list[Any]:
+        out = self.points + _extremes(self.pending)
+        if self.last is not None and (not out or out[-1] is not self.last):
+            out.append(self.last)
+        return out
+
+
+# --------------------------------------------------------------------------------------------------- history
+
+
+class RunHistory:
+    """Everything a late subscriber needs, folded from the event stream (owned by the bus's I/O thread)."""
+
+    def __init__(self, max_points: int = 1000, recent: int = 200):
+        self.max_points = max_points
+        self.state: dict[str, Any] = {"state": "starting", "error": None}
+        self.schedule: dict[str, Any] | None = None
+        self.edits: dict[str, dict[str, Any]] = {}
+        self.transitions: list[dict[str, Any]] = []
+        self._transition_daemons: list[str] = []
+        self.logs: collections.deque[dict[str, Any]] = collections.deque(maxlen=recent)
+        self.lr: dict[str, Downsampler] = {}
+        self.metrics: dict[str, Downsampler] = {}
+        self.metric_stage: dict[str, str] = {}
+        self.phase = 0
+        self.step: int | None = None
+        self.epoch: int | None = None
+
+    def load(self, path: Path) -> ReadReport:
+        """Fold in a recording (``events.jsonl`` of earlier starts of this run: ``fts-daemon start --resume``)."""
+        report = ReadReport(path=path)
+        for event in iter_events(path, report):
+            self.ingest(event)
+        return report
+
+    def _series(self, table: dict[str, Downsampler], name: str, step: int | None) -> Downsampler:
+        series = table.get(name)
+        if series is None:
+            series = table[name] = Downsampler(self.max_points)
+        elif step is not None and series.last is not None and series.last[0] is not None and step < series.last[0]:
+            series.rewind(step)  # a resumed run went back to an earlier checkpoint: its points replace those
+        return series
+
+    def ingest(self, event: ev.Event) -> None:
+        if event.step is not None:
+            self.step = event.step
+        if event.epoch is not None:
+            self.epoch = event.epoch
+        data = event.data
+        kind = event.kind
+        if kind == ev.LR:
+            for tag, value in data.get("lrs", {}).items():
+                # tuples of scalars: not tracked by the GC
+                self._series(self.lr, tag, event.step).add((event.step, value))
+        elif kind == ev.METRIC:
+            stage = data.get("stage", "train")
+            for name, value in data.get("metrics", {}).items():
+                self.metric_stage.setdefault(name, stage)
+                self._series(self.metrics, name, event.step).add((event.step, event.epoch, value))
+        elif kind == ev.STATE:
+            self.state = dict(data)
+        elif kind == ev.SCHEDULE:
+            self.schedule = data
+            self.phase = int(data.get("depth", self.phase))
+        elif kind == ev.TRANSITION:
+            self._add_transition(event)
+        elif kind == ev.EDIT:
+            edit = data.get("edit", {})
+            if "id" in edit:
+                self.edits[str(edit["id"])] = edit
+        elif kind == ev.LOG:
+            self.logs.append({"seq": event.seq, "ts": event.ts, **data})
+
+    def _add_transition(self, event: ev.Event) -> None:
+        entry = {**event.data, "ts": event.ts}
+        entry.setdefault("step", event.step)
+        entry.setdefault("epoch", event.epoch)
+        step = entry.get("step")
+        if step is not None:
+            # a resumed run that repeats a transition (it went back to a checkpoint before it) replaces the old one
+            keep = [
+                i for i, (t, d) in enumerate(zip(self.transitions, self._transition_daemons))
+                if d == event.daemon or t.get("step") is None or t["step"] < step
+            ]
+            if len(keep) != len(self.transitions):
+                self.transitions = [self.transitions[i] for i in keep]
+                self._transition_daemons = [self._transition_daemons[i] for i in keep]
+        self.transitions.append(entry)
+        self._transition_daemons.append(event.daemon)
+        self.phase = int(event.data.get("to", self.phase))
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "state": self.state.get("state"),
+            "state_data": dict(self.state),
+            "phase": self.phase,
+            "step": self.step,
+            "epoch": self.epoch,
+            "schedule": self.schedule,
+            "edits": list(self.edits.values()),
+            "transitions": list(self.transitions),
+            "logs": list(self.logs),
+            "lr": {tag: s.values() for tag, s in self.lr.items()},
+            "metrics": {
+                name: {"stage": self.metric_stage.get(name, "train"), "points": s.values()}
+                for name, s in self.metrics.items()
+            },
+        }

@@ -1,0 +1,168 @@
+"""What a (re)attaching client learns: run facts in ``hello``, history of earlier starts after ``--resume``,
+transition times, downsampled series; a saved config that resumes from anywhere; no LR keys among metrics."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from pytorch_lightning.callbacks import Callback
+
+from fts_daemon import events as ev
+from fts_daemon import registry
+from fts_daemon.bus import BusConfig, EventBus
+from fts_daemon.client import Control, Follower
+from fts_daemon.history import RunHistory
+from fts_daemon.runner import resolve_schedule_path
+from fts_tui.state import RunState
+from fts_tui.views import header_lines
+
+from .daemon_support import SCHEDULE, private_runtime_dir, read_events, start_daemon, wait_for, write_config
+
+
+def event(kind: str, seq: int, data: dict, step: int | None = None, daemon: str = "old", ts: float = 100.0) -> ev.Event:
+    return ev.Event(kind=kind, seq=seq, ts=ts + seq, run="r", daemon=daemon, data=data, step=step, epoch=0)
+
+
+# ------------------------------------------------------------------------------------------------ units
+
+
+def test_relative_schedule_path_becomes_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "s.yaml").write_text("0: {params: [a]}\n")
+    monkeypatch.chdir(tmp_path / "cfg")  # found from the working directory: still pinned, absolute
+    fts = SimpleNamespace(ft_schedule="s.yaml")
+    resolve_schedule_path(fts, ["c.yaml"])
+    assert fts.ft_schedule == str(tmp_path / "cfg" / "s.yaml")
+    monkeypatch.chdir(tmp_path)  # found next to the config
+    fts = SimpleNamespace(ft_schedule="s.yaml")
+    resolve_schedule_path(fts, [str(tmp_path / "cfg" / "c.yaml")])
+    assert fts.ft_schedule == str(tmp_path / "cfg" / "s.yaml")
+
+
+def test_history_of_an_earlier_start_is_replaced_where_a_resume_repeats_it() -> None:
+    h = RunHistory(max_points=50)
+    seq = 0
+    for step in range(10):  # the first start: a transition at step 4, LRs up to step 9
+        seq += 1
+        h.ingest(event(ev.LR, seq, {"lrs": {"lr": 1.0 - step / 10}}, step))
+        if step == 4:
+            seq += 1
+            h.ingest(event(ev.TRANSITION, seq, {"from": 0, "to": 1, "step": 4}, 4))
+    # the second start resumed from a checkpoint at step 3: steps 3.. and the transition at 4 happen again
+    for i, step in enumerate(range(3, 6)):
+        h.ingest(event(ev.LR, i + 1, {"lrs": {"lr": 2.0}}, step, daemon="new"))
+        if step == 4:
+            h.ingest(event(ev.TRANSITION, 10 + i, {"from": 0, "to": 1, "step": 4}, 4, daemon="new"))
+    snap = h.snapshot()
+    assert snap["lr"]["lr"] == [(0, 1.0), (1, 0.9), (2, 0.8), (3, 2.0), (4, 2.0), (5, 2.0)]
+    assert [(t["step"], t["ts"]) for t in snap["transitions"]] == [(4, 111.0)]  # the new start's, with its ts
+
+
+def test_bus_folds_earlier_starts_into_snapshots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    old = [
+        event(ev.STATE, 1, {"state": "training", "error": None}, 0),
+        event(ev.LR, 2, {"lrs": {"lr": 0.1}}, 0),
+        event(ev.TRANSITION, 3, {"from": 0, "to": 1, "reason": "epoch_limit", "epoch": 1, "step": 1}, 1),
+        event(ev.LR, 4, {"lrs": {"lr": 0.2}}, 1),
+        event(ev.EDIT, 5, {"edit": {"id": "e1", "phase": 2, "changes": {"lr": 0.3}, "status": "queued"}}, 1),
+        event(ev.LOG, 6, {"level": "info", "message": "before the restart"}, 1),
+        event(ev.STATE, 7, {"state": "finished", "error": None, "reason": "stopped"}, 2),
+    ]
+    path = tmp_path / "events.jsonl"
+    # a crash left a torn last line: it is skipped, and the new start's first event is not glued onto it
+    path.write_text("".join(ev.event_to_json_line(e) + "\n" for e in old) + '{"v":1,"kind":"lr","se')
+    with private_runtime_dir(monkeypatch) as rt:
+        bus = EventBus(BusConfig(run="r", pub=f"ipc://{rt}/h.pub", ctl=f"ipc://{rt}/h.ctl", events_path=path,
+                                 history_from=path, heartbeat_s=60))
+        bus.start()
+        try:
+            bus.publish(ev.STATE, {"state": "starting", "error": None, "resume": True})
+            bus.publish(ev.LR, {"lrs": {"lr": 0.25}}, 2, 1)
+            with Control(bus.endpoints[1]) as ctl:
+                snap = wait_for(lambda: (s := ctl.request("snapshot"))["lr"]["lr"][-1][0] == 2 and s, timeout=10)
+        finally:
+            bus.close()
+    assert snap["daemon"] == bus.daemon != "old" and snap["seq"] == 3  # its own numbering: 2 events + 1 warning
+    assert snap["state"] == "starting" and snap["phase"] == 1
+    assert snap["lr"]["lr"] == [[0, 0.1], [1, 0.2], [2, 0.25]]
+    assert snap["transitions"] == [{"from": 0, "to": 1, "reason": "epoch_limit", "epoch": 1, "step": 1, "ts": 103.0}]
+    assert [e["id"] for e in snap["edits"]] == ["e1"]
+    messages = [entry["message"] for entry in snap["logs"]]
+    assert messages[0] == "before the restart" and "last line torn" in messages[1]
+    lines = path.read_text().splitlines()
+    assert lines[len(old)] == '{"v":1,"kind":"lr","se'  # the torn line stays alone on its line
+    assert [json.loads(line)["daemon"] for line in lines[len(old) + 1 :]] == [bus.daemon] * 3
+
+
+# ------------------------------------------------------------------------------------------------ a real run
+
+
+class SnapshotProbe(Callback):
+    """Asks its own daemon for a snapshot as training (re)starts, before any step: what a client attaching then
+    gets."""
+
+    def __init__(self, run: str) -> None:
+        self.run = run
+        self.snapshot: dict[str, Any] | None = None
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        with Control(registry.read_record(self.run).ctl) as ctl:
+            self.snapshot = ctl.request("snapshot")
+
+
+def test_resume_anywhere_keeps_history_and_run_facts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    schedule = copy.deepcopy(SCHEDULE)
+    schedule[0]["max_transition_epoch"] = 1
+    schedule[1]["max_transition_epoch"] = 3
+    write_config(tmp_path / "cfg", schedule, max_epochs=2, num_train=64, name="h")
+    run_dir = tmp_path / "run"
+    with private_runtime_dir(monkeypatch):
+        monkeypatch.chdir(tmp_path / "cfg")  # the schedule is found from here, by its relative name
+        first = start_daemon(configs=["h.yaml"], run="h", run_dir=run_dir)
+        with Follower(first.pub, first.ctl) as follower:
+            for kind, item in follower.follow(timeout=60):
+                if kind == "event" and item.kind == ev.STATE and item.data["state"] == "training":
+                    break
+            hello = follower.control.request("hello")
+        assert first.join() == 0
+        assert hello["model"] == "TinyClassifier" and hello["module"] == "fts_daemon.examples.tiny.TinyClassifier"
+        assert hello["config"] == [str(tmp_path / "cfg" / "h.yaml")] and hello["optimizer"] == "AdamW"
+        assert hello["scheduler"]["class_path"] == "torch.optim.lr_scheduler.LinearLR"
+        saved = (run_dir / "config.yaml").read_text()
+        assert f"ft_schedule: {tmp_path / 'cfg' / 'h_schedule.yaml'}" in saved
+
+        monkeypatch.chdir(tmp_path)  # resume from elsewhere, from the run dir alone
+        probe = SnapshotProbe("h")
+        second = start_daemon(configs=[], resume=True, run="h", run_dir=run_dir, callbacks=[probe],
+                              overrides=["--trainer.max_epochs=3"])
+        assert second.join() == 0, second.daemon.error
+    events = read_events(run_dir / "events.jsonl")
+    first_events = [e for e in events if e.daemon == events[0].daemon]
+    snap = probe.snapshot
+    assert snap is not None and snap["daemon"] == second.daemon.bus.daemon != events[0].daemon
+    # everything before the restart: the transition (with its time), every LR step, the logs
+    first_lr_steps = sorted({e.step for e in first_events if e.kind == ev.LR})
+    assert [p[0] for p in next(iter(snap["lr"].values()))][: len(first_lr_steps)] == first_lr_steps
+    first_transition = next(e for e in first_events if e.kind == ev.TRANSITION and e.data["from"] == 0)
+    assert [(t["to"], t["step"], t["ts"]) for t in snap["transitions"] if t["from"] is not None] == [
+        (1, first_transition.step, first_transition.ts)
+    ]
+    assert any("phase 1 starts" in entry["message"] for entry in snap["logs"])
+    assert snap["metrics"]["val_loss"]["points"]
+    # a TUI attaching now shows the run so far, and what it trains
+    state = RunState()
+    state.apply_snapshot(snap)
+    assert [t.to_phase for t in state.transitions] == [1] and state.info["model"] == "TinyClassifier"
+    header = "".join(text for text, _ in header_lines(state, time.time(), "test")[0])
+    assert "TinyClassifier (config.yaml)" in header  # resumed from the run dir's saved config
+    # LearningRateMonitor's keys are LRs, not metrics; nor is the phase counter
+    names = {n for e in events if e.kind == ev.METRIC for n in e.data["metrics"]}
+    assert names == {"train_loss", "val_loss", "val_acc"}
+    assert os.path.isabs(saved.split("ft_schedule: ")[1].split()[0])
