@@ -5,6 +5,13 @@ registers the run, builds model/data/Trainer with ``LightningCLI(run=False)``, a
 ``fit`` (resuming from the newest checkpoint in the run dir with ``resume``), and publishes the end.
 ``stop`` (control op, SIGTERM or SIGINT) finishes the current step, writes a checkpoint and exits 0.
 
+Distributed: Lightning's ``ddp`` strategy runs this same command line again for every other local rank (with
+``LOCAL_RANK`` set), and multi-node launchers start it on every node. A process that is not global rank 0
+(:func:`launch_rank`) builds and fits the same config with the same callbacks but creates no bus, registry record,
+control socket, journal, ``events.jsonl`` or ``config.yaml``: its :class:`DaemonTap` is inert except for obeying
+``stop``, which it learns through a per-step all-reduce. Rank 0 passes its run id, run dir and resume checkpoint
+to the ranks it spawns through ``FTS_RUN``, ``FTS_RUN_DIR`` and ``FTS_RESUME_CKPT``.
+
 :func:`build_from_config` is shared with ``fts-daemon validate`` and ``plan``, which stop right after the engine has
 checked everything (``on_fit_start``), before any training step.
 """
@@ -12,6 +19,7 @@ checked everything (``on_fit_start``), before any training step.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -21,7 +29,7 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -40,6 +48,12 @@ CONFIG_FILE = "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
 # Lightning loggers whose records become ``log`` events (the phase-start lines come through rank_zero_info)
 FORWARDED_LOGGERS = ("fts_daemon", "pytorch_lightning")
+# set by rank 0 for the processes Lightning's ddp launcher starts (they run the same command line)
+ENV_RUN, ENV_RUN_DIR, ENV_RESUME_CKPT = "FTS_RUN", "FTS_RUN_DIR", "FTS_RESUME_CKPT"
+# launchers' rank variables: torchrun/torchelastic, Lightning's ddp launcher (LOCAL_RANK, NODE_RANK), SLURM, LSF,
+# Open MPI, MPICH/Intel MPI
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK",
+                  "OMPI_COMM_WORLD_RANK", "PMI_RANK")
 _UPSTREAM_HINT = (
     "this config names finetuning_scheduler.* classes; replace them with fts_daemon.* "
     "(e.g. fts_daemon.FinetuningScheduler, fts_daemon.FTSCheckpoint, fts_daemon.FTSEarlyStopping)"
@@ -79,6 +93,28 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", ".*args parameter is intended to run from within Python.*")
 
 
+def _check_config_yaml(path: str | os.PathLike[str]) -> None:
+    """Read a config with the schedule loader's rules before LightningCLI does: jsonargparse's YAML loading keeps
+    the last of duplicate keys silently, expands aliases without bound and reports a non-UTF-8 byte without the
+    file's name. Here each is a one-line error naming the file (and line)."""
+    from fts_daemon.schedule import MAX_SCHEDULE_BYTES, ScheduleError, parse_yaml_text
+
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_SCHEDULE_BYTES + 1)
+        parsed = parse_yaml_text(data, source=os.fspath(path))
+        if not isinstance(parsed, dict):
+            what = "empty" if parsed is None else f"a {type(parsed).__name__}"
+            raise ConfigError(f"{os.fspath(path)}: a config must be a YAML mapping (model:, data:, trainer:, ...); "
+                              f"this one is {what}")
+    except OSError as err:
+        raise ConfigError(f"cannot read config {os.fspath(path)}: {err.strerror or err}") from None
+    except ScheduleError as err:
+        source = os.fspath(path)
+        raise ConfigError("\n".join(str(p) if str(p).startswith(source) else f"{source}: {p}"
+                                    for p in err.problems)) from None
+
+
 def build_from_config(
     configs: Sequence[str | os.PathLike[str]],
     overrides: Sequence[str] = (),
@@ -97,6 +133,7 @@ def build_from_config(
     for cfg in configs:
         if not Path(cfg).is_file():
             raise ConfigError(f"config file not found: {os.fspath(cfg)}")
+        _check_config_yaml(cfg)
         args += ["--config", os.fspath(cfg)]
     args += list(overrides)
     defaults = dict(trainer_defaults or {})
@@ -133,16 +170,43 @@ def find_fts_callback(trainer: Any) -> Any:
 
 
 def resolve_schedule_path(fts: Any, configs: Sequence[str | os.PathLike[str]]) -> None:
-    """A relative ``ft_schedule`` path that does not exist from the working directory is looked up next to the
-    config files (last first), so a config and its schedule can be used from anywhere."""
+    """Make a relative ``ft_schedule`` path absolute: from the working directory if it exists there, else next to
+    the config files (last first), so a config and its schedule can be used from anywhere, and the config saved in
+    the run dir (``--resume`` without ``--config``) names the schedule wherever it is started from."""
     path = fts.ft_schedule
-    if not isinstance(path, (str, os.PathLike)) or Path(path).is_absolute() or Path(path).exists():
+    if not isinstance(path, (str, os.PathLike)) or Path(path).is_absolute():
+        return
+    if Path(path).exists():
+        fts.ft_schedule = str(Path(path).resolve())
         return
     for cfg in reversed(list(configs)):
         candidate = Path(cfg).resolve().parent / path
         if candidate.is_file():
             fts.ft_schedule = str(candidate)
             return
+
+
+def _set_environ(values: dict[str, str | None]) -> None:
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+def launch_rank(environ: Any = None) -> int:
+    """0 for the process that runs the daemon proper; else the first non-zero rank a launcher set in the
+    environment (:data:`RANK_VARIABLES`). Decided before anything is built: the Trainer knows its global rank
+    only once ``fit`` has set up the process group."""
+    env = os.environ if environ is None else environ
+    for name in RANK_VARIABLES:
+        try:
+            rank = int(env.get(name, "0") or 0)
+        except ValueError:
+            continue
+        if rank != 0:
+            return rank
+    return 0
 
 
 def newest_checkpoint(run_dir: Path) -> Path | None:
@@ -174,7 +238,8 @@ class StartOptions:
     overrides: list[str] = field(default_factory=list)
     history_points: int = 1000
     heartbeat_s: float = 1.0
-    poll_ms: int = 100  # event batching interval of the I/O thread (see BusConfig.poll_ms)
+    batch_ms: float = 25.0  # shortest time between two batches of events (see BusConfig.batch_ms)
+    poll_ms: int = 100  # longest idle sleep of the bus's I/O thread (see BusConfig.poll_ms)
     install_signals: bool = True
     out: TextIO | None = None  # where the banner and end lines go (None: stdout)
     callbacks: list[Any] = field(default_factory=list)  # extra Lightning callbacks (embedding, benchmarks)
@@ -204,9 +269,39 @@ def one_line(err: BaseException) -> str:
     return text if len(text) <= 2000 else text[:1997] + "..."
 
 
-def resolve_run_location(opts: StartOptions) -> tuple[str, Path]:
+# a file in the run dir cannot be written: disk full, file too large (RLIMIT_FSIZE), quota, read-only, permissions
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _is_config_error(err: BaseException) -> bool:
+    """Errors whose message names what is wrong in the config or schedule (the engine's validation raises
+    MisconfigurationException before the first step): a traceback would only bury the message."""
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+    return isinstance(err, (ConfigError, MisconfigurationException))
+
+
+def _raised_at(err: BaseException) -> str:
+    """``" (raised in NAME, FILE:LINE)"``: the innermost frame outside the standard library, installed packages
+    (torch, Lightning) and this module, i.e. the user's (or the example model's) code that raised or called in."""
+    import sysconfig
+
+    skip = tuple({sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")})
+    for frame in reversed(traceback.extract_tb(err.__traceback__)):
+        if not frame.filename.startswith(skip) and frame.filename != __file__:
+            return f" (raised in {frame.name}, {frame.filename}:{frame.lineno})"
+    return ""
+
+
+def resolve_run_location(opts: StartOptions, rank: int = 0) -> tuple[str, Path]:
     """Fill in the run id, run dir and (when resuming without ``--config``) the saved config; refuse a run id
-    that is already live. Mutates ``opts`` so a detached child gets exactly the same answers."""
+    that is already live. Mutates ``opts`` so a detached child gets exactly the same answers.
+
+    On a rank other than 0 (``rank``), rank 0's run id and run dir (``FTS_RUN``, ``FTS_RUN_DIR``) win, and the
+    run is not checked for being live: rank 0 registered it."""
+    if rank != 0:
+        opts.run = os.environ.get(ENV_RUN) or opts.run
+        opts.run_dir = Path(os.environ[ENV_RUN_DIR]) if os.environ.get(ENV_RUN_DIR) else opts.run_dir
     if opts.resume and opts.run_dir is None and opts.run:
         opts.run_dir = Path(registry.read_record(opts.run).run_dir)
     if opts.run_dir is not None:
@@ -222,6 +317,8 @@ def resolve_run_location(opts: StartOptions) -> tuple[str, Path]:
             opts.configs = [str(saved)]
         else:
             raise ConfigError("no --config given" + (f" and no {saved} to resume with" if opts.resume else ""))
+    if rank != 0:
+        return run_id, run_dir
     try:
         existing = registry.read_record(run_id)
     except registry.RegistryError:
@@ -252,8 +349,11 @@ class Daemon:
         self.trainer: Any = None
         self.exit_code: int | None = None
         self.error: str | None = None
+        self.write_error: str | None = None  # the first failed write to the run dir
+        self._epoch_checkpoint: Any = None  # crashsafe.EpochCheckpoint, once built
         self.run_id = ""
         self.run_dir = Path(".")
+        self.rank = 0  # launch_rank(), set by run()
         self._out = options.out
         self._signals_seen = 0
         self._saved_handlers: dict[int, Any] = {}
@@ -281,7 +381,7 @@ class Daemon:
         self._publish(ev.LOG, {"level": "info", "message": f"stop requested: finishing {what}"})
 
     def _resolve_run(self) -> None:
-        self.run_id, self.run_dir = resolve_run_location(self.options)
+        self.run_id, self.run_dir = resolve_run_location(self.options, self.rank)
 
     def _endpoints(self) -> tuple[str, str]:
         opts = self.options
@@ -295,11 +395,32 @@ class Daemon:
             raise ConfigError(f"unknown transport {opts.transport!r} (ipc or tcp)")
         return registry.ipc_endpoints(self.run_id)
 
+    def _prepare_run_dir(self) -> None:
+        """Create the run dir and prove it takes a write, so an unwritable one fails at start with the reason.
+
+        The process umask is tightened first: nothing the daemon writes (events.jsonl, the journal, checkpoints)
+        is group- or world-writable, whatever umask it was started with.
+        """
+        os.umask(os.umask(0o022) | 0o022)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.run_dir / f".fts-write-test-{os.getpid()}"
+            try:
+                with open(probe, "wb") as fh:
+                    fh.write(b"\0" * 4096)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            finally:
+                with contextlib.suppress(OSError):
+                    probe.unlink()
+        except OSError as err:
+            raise ConfigError(f"run dir {self.run_dir} is not writable: {err.strerror or err}") from None
+
     def _start_bus(self) -> None:
         opts = self.options
         curve = CurveKeys.from_dir(opts.curve_dir) if opts.curve_dir else None
         pub, ctl = self._endpoints()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._prepare_run_dir()
         journal = self.run_dir / JOURNAL_FILE
         if not opts.resume and journal.exists():
             # a fresh start in a used run dir must not pick up the previous run's pending edits
@@ -311,10 +432,14 @@ class Daemon:
                 ctl=ctl,
                 events_path=self.run_dir / EVENTS_FILE,
                 heartbeat_s=opts.heartbeat_s,
+                batch_ms=opts.batch_ms,
                 poll_ms=opts.poll_ms,
                 history_points=opts.history_points,
                 curve=curve,
-                info={"pid": os.getpid(), "run_dir": str(self.run_dir), "config": list(opts.configs)},
+                info={"pid": os.getpid(), "run_dir": str(self.run_dir), "config": self._config_paths()},
+                # a resumed run's snapshots hold what earlier starts did too
+                history_from=self.run_dir / EVENTS_FILE if opts.resume else None,
+                on_write_error=self._on_write_error,  # events.jsonl cannot be written: stop with a checkpoint
             )
         )
         self.edits = EditQueue(Journal(journal), bus.publish, self.run_dir / EFFECTIVE_SCHEDULE_FILE)
@@ -333,16 +458,21 @@ class Daemon:
             run_dir=str(self.run_dir),
             pub=pub_ep,
             ctl=ctl_ep,
-            config=[str(Path(c).resolve()) for c in opts.configs],
+            config=self._config_paths(),
             curve_server_key=curve.public.decode("ascii") if curve else None,
         )
         registry.write_record(record)
         bus.watch(self._watch)
         bus.publish(ev.STATE, {"state": "starting", "error": None, "resume": opts.resume})
 
+    def _config_paths(self) -> list[str]:
+        return [str(Path(c).resolve()) for c in self.options.configs]
+
     def _watch(self, event: ev.Event) -> None:
         # keep the registry's state/phase current for `fts-daemon runs` (I/O thread; only on rare events)
         if event.kind == ev.STATE:
+            if isinstance(event.data.get("info"), dict) and self.bus is not None:  # run facts: hello has them too
+                self.bus.config.info.update(event.data["info"])
             registry.update_record(self.run_id, state=event.data.get("state", "unknown"))
         elif event.kind == ev.TRANSITION:
             registry.update_record(self.run_id, phase=int(event.data.get("to", 0)))
@@ -383,6 +513,18 @@ class Daemon:
         self.request_stop(at_epoch_end=when == "epoch")
         return {"stopping": True, "state": self.bus.history.state.get("state") if self.bus else None}
 
+    def _steps_started(self) -> int:
+        return self._epoch_checkpoint.steps_started if self._epoch_checkpoint is not None else 0
+
+    def _on_write_error(self, message: str) -> None:
+        """A file in the run dir could not be written (disk full, quota, file size limit, read-only): stop after
+        the current step with a checkpoint if one can still be written; the run ends ``failed`` saying why."""
+        if self.write_error is None:
+            self.write_error = message
+            self._print(f"fts-daemon: {message}; stopping the run")
+            self._publish(ev.LOG, {"level": "error", "message": f"{message}; stopping the run"})
+        self.request_stop()
+
     # -------------------------------------------------------------------------------------- signals
 
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -407,6 +549,9 @@ class Daemon:
 
     # -------------------------------------------------------------------------------------- run
 
+    def _rank_note(self) -> str:
+        return f" (rank {self.rank})" if self.rank else ""
+
     def _banner(self) -> None:
         assert self.bus is not None and self.bus.endpoints is not None
         pub, ctl = self.bus.endpoints
@@ -422,12 +567,15 @@ class Daemon:
     def _build(self) -> Built:
         from pytorch_lightning.callbacks import LearningRateMonitor
 
+        from fts_daemon.crashsafe import EpochCheckpoint
+        from fts_daemon.reinit import SUPPORTED_SCHEDULERS
         from fts_daemon.tap import DaemonTap
 
         opts = self.options
-        assert self.edits is not None
+        # crash safety: last.ckpt replaced atomically at every epoch end (every rank: saving is a collective)
+        self._epoch_checkpoint = EpochCheckpoint(self.run_dir / CHECKPOINT_DIR, self._on_write_error)
         self.tap = DaemonTap(
-            self._publish,
+            self._publish if self.bus is not None else None,  # inert on ranks other than 0
             self.edits,
             self.stop_event,
             self.run_dir / CHECKPOINT_DIR,
@@ -440,25 +588,29 @@ class Daemon:
             opts.configs,
             overrides,
             trainer_defaults={"default_root_dir": str(self.run_dir)},
-            callbacks=[self.tap, *opts.callbacks],
+            callbacks=[self.tap, self._epoch_checkpoint, *opts.callbacks],
         )
         trainer = built.trainer
         fts = find_fts_callback(trainer)
         resolve_schedule_path(fts, opts.configs)
-        if self.bus is not None:  # what an edit may name, for clients that offer a choice
-            from fts_daemon.reinit import SUPPORTED_SCHEDULERS
-
-            prefixes = list(fts._allowed_prefixes())
-            self.bus.config.info["allowed_prefixes"] = prefixes
-            # LambdaLR and MultiplicativeLR take Python callables, which JSON cannot carry
-            usable = [c for c in SUPPORTED_SCHEDULERS if c.__name__ not in ("LambdaLR", "MultiplicativeLR")]
-            self.bus.config.info["schedulers"] = [
-                path for path in (f"{c.__module__}.{c.__name__}" for c in usable)
-                if any(path.startswith(p) for p in prefixes)
-            ]
         if trainer.loggers and not any(isinstance(c, LearningRateMonitor) for c in trainer.callbacks):
-            # TensorBoard gets the same LR tags the events carry
+            # TensorBoard gets the same LR tags the events carry (every rank: the same callbacks everywhere)
             trainer.callbacks.append(LearningRateMonitor(logging_interval="step"))
+        if self.bus is None:
+            return built
+        model = built.model
+        module = f"{type(model).__module__}.{type(model).__qualname__}"
+        self.bus.config.info.update(model=type(model).__name__, module=module)
+        self.tap.info["config"] = self._config_paths()
+        # what an edit may name, for clients that offer a choice
+        prefixes = list(fts.allowed_prefixes())
+        self.bus.config.info["allowed_prefixes"] = prefixes
+        # LambdaLR and MultiplicativeLR take Python callables, which JSON cannot carry
+        usable = [c for c in SUPPORTED_SCHEDULERS if c.__name__ not in ("LambdaLR", "MultiplicativeLR")]
+        self.bus.config.info["schedulers"] = [
+            path for path in (f"{c.__module__}.{c.__name__}" for c in usable)
+            if any(path.startswith(p) for p in prefixes)
+        ]
         config_yaml = built.dump()
         if config_yaml:
             (self.run_dir / CONFIG_FILE).write_text(config_yaml, encoding="utf-8")
@@ -466,16 +618,20 @@ class Daemon:
 
     def run(self) -> int:
         """Run to the end; the exit code is 0 (finished or stopped), 1 (training failed) or 2 (could not start)."""
+        self.rank = launch_rank()
         try:
             self._resolve_run()
-            self._start_bus()
+            if self.rank == 0:  # the other ranks of a distributed run bind, register and write nothing
+                self._start_bus()
         except (ConfigError, BindRefused, registry.RegistryError, OSError, RuntimeError) as err:
             self.error = one_line(err)
-            self._print(f"fts-daemon: {self.error}")
+            self._print(f"fts-daemon{self._rank_note()}: {self.error}")
             self.exit_code = 2
             self.ready.set()
             return 2
         self.ready.set()
+        if self.rank != 0:
+            return self._run_other_rank()
         handler = _BusLogHandler(self._publish)
         loggers = [logging.getLogger(name) for name in FORWARDED_LOGGERS]
         for lg in loggers:
@@ -500,36 +656,90 @@ class Daemon:
             registry.update_record(self.run_id, state="finished" if self.exit_code == 0 else "failed")
         return self.exit_code
 
-    def _run_fit(self) -> int:
-        self._banner()
-        ckpt = None
+    def _run_other_rank(self) -> int:
+        """A rank other than 0: the same fit with the same callbacks; nothing bound, registered or written."""
+        self._install_signals()
         try:
-            if self.options.resume:
-                ckpt = newest_checkpoint(self.run_dir)
-                if ckpt is None:
-                    raise ConfigError(f"--resume: no checkpoint (*.ckpt) in {self.run_dir}")
-                self._print(f"  resume  : {ckpt}")
+            self.exit_code = self._run_fit()
+        finally:
+            self._restore_signals()
+        return self.exit_code
+
+    def _resume_checkpoint(self) -> Path | None:
+        if self.rank != 0 and os.environ.get(ENV_RESUME_CKPT):
+            return Path(os.environ[ENV_RESUME_CKPT])  # exactly the file rank 0 resumes from
+        if not self.options.resume:
+            return None
+        ckpt = newest_checkpoint(self.run_dir)
+        if ckpt is None:
+            raise ConfigError(f"--resume: no checkpoint (*.ckpt) in {self.run_dir}")
+        if self.rank == 0:
+            self._print(f"  resume  : {ckpt}")
+        return ckpt
+
+    @contextlib.contextmanager
+    def _environment_for_other_ranks(self, ckpt: Path | None) -> Iterator[None]:
+        """What the processes Lightning's ddp launcher starts (same command line) need to know from rank 0."""
+        if self.rank != 0:
+            yield
+            return
+        wanted = {ENV_RUN: self.run_id, ENV_RUN_DIR: str(self.run_dir), ENV_RESUME_CKPT: str(ckpt) if ckpt else None}
+        saved = {name: os.environ.get(name) for name in wanted}
+        _set_environ(wanted)
+        try:
+            yield
+        finally:
+            _set_environ(saved)
+
+    def _run_fit(self) -> int:
+        if self.bus is not None:
+            self._banner()
+        try:
+            ckpt = self._resume_checkpoint()
             built = self._build()
             self.trainer = built.trainer
-            if self.stop_event.is_set():
+            if self.stop_event.is_set() and self.rank == 0:
+                if self.write_error is not None:
+                    self.error = f"{self.write_error}; stopped before training"
+                    self._publish(ev.STATE, {"state": "failed", "error": self.error})
+                    self._print(f"fts-daemon: run {self.run_id} failed: {self.error}")
+                    return 1
                 self._publish(ev.STATE, {"state": "finished", "error": None, "reason": "stopped before training"})
                 return 0
-            built.trainer.fit(built.model, datamodule=built.datamodule, ckpt_path=str(ckpt) if ckpt else None)
+            with self._environment_for_other_ranks(ckpt):
+                built.trainer.fit(built.model, datamodule=built.datamodule, ckpt_path=str(ckpt) if ckpt else None)
         except SystemExit as err:
+            if type(err).__name__ == "SIGTERMException":  # SIGTERM reached Lightning's handler before ours took over
+                self._publish(ev.STATE, {"state": "finished", "error": None, "reason": "stopped before training"})
+                return 0
             if err.code in (0, None):  # gen_ft_sched_only: the schedule was written, nothing to train
                 self._publish(ev.STATE, {"state": "finished", "error": None, "reason": "schedule generated"})
                 return 0
             # Lightning exits this way after a KeyboardInterrupt (our second SIGINT/SIGTERM)
             self.error = f"interrupted (exit {err.code})"
             self._publish(ev.STATE, {"state": "failed", "error": self.error})
-            self._print(f"fts-daemon: run {self.run_id} {self.error}")
+            self._print(f"fts-daemon: run {self.run_id}{self._rank_note()} {self.error}")
             return 1
         except (Exception, KeyboardInterrupt) as err:
             self.error = one_line(err)
-            if not isinstance(err, ConfigError):  # a crash in user code: the traceback is what they need
+            if self.write_error is not None and isinstance(err, OSError):  # the stop checkpoint failed as well
+                self.error = f"{self.write_error}; no checkpoint could be written either: {err.strerror or err}"
+            elif isinstance(err, OSError) and err.errno in _WRITE_ERRNOS:  # disk full, quota, read-only, ...
+                if not err.filename and "cannot write" not in self.error:  # a failed write() names no file
+                    frames = traceback.extract_tb(err.__traceback__)
+                    frame = [f for f in frames if "checkpoint" in f.name][-1:] or frames[-1:]
+                    where = f" (in {frame[0].name}, {Path(frame[0].filename).name}:{frame[0].lineno})" if frame else ""
+                    self.error = f"cannot write to {self.run_dir}: {err.strerror or self.error}{where}"
+            elif _is_config_error(err):
+                pass  # the message names what is wrong
+            elif not isinstance(err, KeyboardInterrupt) and self._steps_started() == 0:
+                # set-up failed before the first training step, on the config's values (an optimizer's lr, a class
+                # path, a data argument): one line saying what and where, as `fts-daemon validate` reports it
+                self.error = f"before the first training step: {type(err).__name__}: {self.error}{_raised_at(err)}"
+            else:  # a crash in user code while training: the traceback is what they need
                 traceback.print_exc(file=self._out or sys.stderr)
             self._publish(ev.STATE, {"state": "failed", "error": self.error})
-            self._print(f"fts-daemon: run {self.run_id} failed: {self.error}")
+            self._print(f"fts-daemon: run {self.run_id}{self._rank_note()} failed: {self.error}")
             return 1
         trainer = built.trainer
         stopped = bool(self.tap is not None and self.tap.stopped)
@@ -541,7 +751,16 @@ class Daemon:
             "checkpoint": str(path) if path else None,
             "phase": getattr(self.tap.fts, "curr_depth", None) if self.tap else None,
         }
+        if self.write_error is not None:  # stopped because the run dir could not be written
+            self.error = self.write_error + (f"; stopped with a checkpoint: {path}" if path else
+                                             "; stopped without a checkpoint")
+            data.update(state="failed", error=self.error)
+            self._publish(ev.STATE, data, int(trainer.global_step), int(trainer.current_epoch))
+            self._print(f"fts-daemon: run {self.run_id}{self._rank_note()} failed: {self.error}"
+                        + (f"; resume with: fts-daemon start --resume --run-dir {self.run_dir}" if path else ""))
+            return 1
         self._publish(ev.STATE, data, int(trainer.global_step), int(trainer.current_epoch))
         how = f"stopped; resume with: fts-daemon start --resume --run-dir {self.run_dir}" if stopped else "finished"
-        self._print(f"fts-daemon: run {self.run_id} {how}")
+        if self.rank == 0:
+            self._print(f"fts-daemon: run {self.run_id} {how}")
         return 0

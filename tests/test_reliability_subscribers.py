@@ -1,0 +1,246 @@
+"""Subscribers must never slow training: churn (100 attach/detach cycles) and a subscriber frozen for 60 s.
+
+All runs train the same tiny model (300 steps per epoch, phase 2 from step 600) in their own process with
+``OMP_NUM_THREADS=1``, until the test stops them, and are measured in phase 2 (the costliest steps) from the ``lr``
+events' timestamps. Two figures each: wall-clock steps/s (what the goal is stated in, but moved by anything else the
+2-core machine runs, the client included), and steps per CPU-second of the daemon process (its own cost: the I/O
+thread answering snapshots, the GIL it takes from the training thread), which other load does not move.
+
+* *Churn*: runs without a client and runs with a client attaching (subscribe + ``snapshot`` + 10 events) and
+  detaching 100 times over 8 s are interleaved; ratios of the medians, next to the spread of the runs without a
+  client (what the machine's noise alone does).
+* *Stalled subscriber*: a subscriber process (``tests/reliability_subscriber.py``, ZeroMQ's default receive
+  high-water mark) is stopped with SIGSTOP for 60 s while training goes on, then continued. Its queues overflow (a
+  test callback adds 5 ``log`` events per step so that they do on a slow machine too), it sees the ``seq`` gap,
+  snapshots again, and at the end its rebuilt state equals ``events.jsonl`` exactly. For that comparison the daemon
+  keeps every point (``--history``), so this run is paced (2 ms sleep per step, 3 LR groups in phase 2) to keep the
+  full-history snapshot under the protocol's 4 MiB frame limit. The freeze is compared with the 10 s before and
+  after it, and training must never pause for it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from fts_daemon import events as ev
+from fts_daemon.client import Control, Follower
+
+from .daemon_support import SCHEDULE, wait_for, write_config
+from .reliability_support import REPO, DaemonProcess, cpu_seconds, env_for, figure, read_event_file
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+STEPS_PER_EPOCH = 300
+PHASE2_STEP = 2 * STEPS_PER_EPOCH + 100  # measurements start here, in phase 2
+CYCLES = 100
+WINDOW_S = 8.0  # churn: a cycle every WINDOW_S / CYCLES seconds (later if cycles take longer)
+STALL_S = 60.0
+SIDE_S = 10.0
+
+
+def schedule() -> dict[int, dict[str, Any]]:
+    sched = copy.deepcopy(SCHEDULE)
+    sched[0]["max_transition_epoch"] = 1
+    sched[1]["max_transition_epoch"] = 2
+    return sched
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    base = tmp_path_factory.mktemp("subs")
+    runtime = base / "rt"
+    runtime.mkdir(mode=0o700)
+    env = env_for(runtime, OMP_NUM_THREADS="1")
+    # runs until stopped: each run is measured over its own window, then stopped
+    cfg = write_config(base / "cfg", schedule(), max_epochs=1000, num_train=32 * STEPS_PER_EPOCH, name="tp")
+    return {"base": base, "env": env, "cfg": cfg, "n": 0}
+
+
+class Mark:
+    """A point in time of a daemon: wall clock and the CPU time its process had used by then."""
+
+    def __init__(self, pid: int):
+        self.t, self.cpu = time.time(), cpu_seconds(pid)
+
+
+def window_rate(events: list[ev.Event], a: Mark, b: Mark) -> tuple[float, float]:
+    """(steps per second, steps per CPU-second of the daemon process) between two marks, from the ``lr`` events.
+
+    The second is what a subscriber can cost the daemon (its I/O thread's work, GIL taken from training), and it
+    does not move when other processes load the machine; NaN where /proc is unavailable."""
+    inside = [(e.ts, e.step) for e in events if e.kind == ev.LR and a.t <= e.ts <= b.t]
+    steps = inside[-1][1] - inside[0][1]
+    per_cpu = steps / (b.cpu - a.cpu) if a.cpu is not None and b.cpu is not None else float("nan")
+    return steps / (inside[-1][0] - inside[0][0]), per_cpu
+
+
+def churn(rec: Any, errors: list[str]) -> int:
+    """CYCLES attach/detach cycles, one every WINDOW_S / CYCLES seconds: subscribe, snapshot, 10 events, close."""
+    started = time.monotonic()
+    for cycle in range(CYCLES):
+        time.sleep(max(0.0, started + cycle * WINDOW_S / CYCLES - time.monotonic()))
+        try:
+            with Follower(rec.pub, rec.ctl) as follower:
+                got = 0
+                for kind, _ in follower.follow(timeout=5):
+                    got += kind == "event"
+                    if got >= 10:
+                        break
+        except Exception as err:  # noqa: BLE001 - counted and reported
+            errors.append(repr(err))
+    return CYCLES
+
+
+def run_once(setup: dict[str, Any], with_churn: bool) -> dict[str, Any]:
+    setup["n"] += 1
+    name = f"tp{setup['n']}"
+    proc = DaemonProcess.start(name, setup["base"] / name, setup["env"], config=setup["cfg"])
+    cycles, errors = 0, []
+    try:
+        rec = proc.record()
+        with Control(rec.ctl, timeout=30) as ctl:
+            wait_for(lambda: (ctl.request("hello")["step"] or 0) >= PHASE2_STEP, timeout=180, interval=0.05)
+            m0 = Mark(proc.pid)
+            if with_churn:
+                cycles = churn(rec, errors)
+            else:
+                time.sleep(WINDOW_S)
+            m1 = Mark(proc.pid)
+            ctl.request("stop")
+        rc = proc.wait(120)
+    finally:
+        proc.ensure_dead()
+    events = read_event_file(setup["base"] / name / "events.jsonl").events
+    final = [e for e in events if e.kind == ev.STATE][-1].data
+    logged_errors = [e.data["message"] for e in events if e.kind == ev.LOG and e.data["level"] == "error"]
+    rate, per_cpu = window_rate(events, m0, m1)
+    return {"rc": rc, "final": final, "rate": rate, "per_cpu": per_cpu, "cycles": cycles, "errors": errors,
+            "logged_errors": logged_errors}
+
+
+@pytest.fixture(scope="module")
+def churn_runs(setup: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {"none": [], "churn": []}
+    for with_churn in (False, True, False, True, False, True):  # interleaved: drifts of the machine hit both alike
+        out["churn" if with_churn else "none"].append(run_once(setup, with_churn))
+    return out
+
+
+def test_subscriber_churn_does_not_slow_training(churn_runs: dict[str, list[dict[str, Any]]]) -> None:
+    none, churn = churn_runs["none"], churn_runs["churn"]
+    for r in none + churn:
+        assert r["rc"] == 0 and r["final"]["reason"] == "stopped" and not r["logged_errors"]
+    for r in churn:
+        assert r["cycles"] == CYCLES and not r["errors"], r["errors"]
+    base, with_client = [r["rate"] for r in none], [r["rate"] for r in churn]
+    ratio = statistics.median(with_client) / statistics.median(base)
+    spread = max(base) / min(base) - 1
+    cpu_ratio = statistics.median(r["per_cpu"] for r in churn) / statistics.median(r["per_cpu"] for r in none)
+    figure("subscriber-churn",
+           f"{CYCLES} attach/detach cycles x {len(churn)} runs, no training error; steps/s with churn / without = "
+           f"{ratio:.3f} (goal >= 0.98; {', '.join(f'{x:.0f}' for x in with_client)} vs "
+           f"{', '.join(f'{x:.0f}' for x in base)}, the runs without a client alone spread {spread:.1%}); steps per "
+           f"CPU-second of the daemon with churn / without = {cpu_ratio:.3f} (not moved by other load); load average "
+           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", ratio=ratio, spread=spread, cpu_ratio=cpu_ratio)
+    # The goal is 2% of wall-clock steps/s; on a quiet machine that is what this measures. The client shares the 2
+    # cores with the daemon, and so does whatever else runs on the machine (other test runs, benchmarks), which moves
+    # both figures by more than 2%: the bounds only catch gross regressions (a snapshot stalling training, a send
+    # that blocks), and the figure above says how close to the goal this run came.
+    assert ratio >= 0.7
+    assert not cpu_ratio < 0.8  # NaN (no /proc): not measured
+
+
+def stall_config(directory: Path) -> Path:
+    """The tiny config paced by a 2 ms sleep per step, without the no-decay split (3 groups in phase 2)."""
+    sched = schedule()
+    sched[1]["new_lr_scheduler"]["init_pg_lrs"] = [2.0e-3, 3.0e-3]
+    sched[2]["new_lr_scheduler"]["init_pg_lrs"] = [1.0e-3, 2.0e-3, 2.0e-3]
+    cfg = write_config(directory, sched, step_delay=0.002, max_epochs=1000, num_train=32 * STEPS_PER_EPOCH, name="st")
+    data = yaml.safe_load(cfg.read_text())
+    del data["model"]["init_args"]["no_decay"]
+    # 5 `log` events per step: the frozen subscriber's queues overflow within seconds however slow the machine is
+    # (snapshots keep only the last 200 logs, so this does not grow them)
+    data["trainer"]["callbacks"].append({"class_path": "tests.reliability_probe.Chatter", "init_args": {"per_step": 5}})
+    cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+    return cfg
+
+
+def test_stalled_subscriber_is_detected_and_resyncs_exactly(setup: dict[str, Any]) -> None:
+    base, env = setup["base"], setup["env"]
+    proc = DaemonProcess.start("stall", base / "stall", env, config=stall_config(base / "cfg-stall"),
+                               extra=["--history", "10000000"])
+    out = base / "subscriber.json"
+    sub = None
+    try:
+        rec = proc.record()
+        with Control(rec.ctl, timeout=20) as ctl:
+            wait_for(lambda: (ctl.request("hello")["step"] or 0) >= PHASE2_STEP, timeout=180, interval=0.05)
+            sub = subprocess.Popen([sys.executable, "-m", "tests.reliability_subscriber", rec.pub, rec.ctl, str(out)],
+                                   cwd=REPO, env=env)
+            wait_for(lambda: out.with_suffix(".ready").exists(), timeout=60)
+            m_before = Mark(proc.pid)
+            time.sleep(SIDE_S)
+            m_stop = Mark(proc.pid)
+            sub.send_signal(signal.SIGSTOP)
+            time.sleep(STALL_S)
+            m_cont = Mark(proc.pid)
+            sub.send_signal(signal.SIGCONT)
+            time.sleep(SIDE_S)
+            m_end = Mark(proc.pid)
+            ctl.request("stop")
+        assert proc.wait(120) == 0
+        assert sub.wait(120) == 0
+    finally:
+        if sub is not None and sub.poll() is None:
+            sub.send_signal(signal.SIGCONT)
+            sub.kill()
+        proc.ensure_dead()
+    events = read_event_file(base / "stall" / "events.jsonl").events
+    state = json.loads(out.read_text())
+    (before, before_cpu), (during, during_cpu), (after, after_cpu) = (
+        window_rate(events, m_before, m_stop), window_rate(events, m_stop, m_cont), window_rate(events, m_cont, m_end))
+    frozen_ts = [e.ts for e in events if e.kind == ev.LR and m_stop.t <= e.ts <= m_cont.t]
+    longest_pause = max(b - a for a, b in zip(frozen_ts, frozen_ts[1:]))
+    # the rebuilt state equals the durable record exactly
+    durable: dict[str, dict[str, float]] = {}
+    for e in events:
+        if e.kind == ev.LR:
+            for tag, value in e.data["lrs"].items():
+                durable.setdefault(tag, {})[str(e.step)] = value
+    edits = {}
+    for e in events:
+        if e.kind == ev.EDIT and e.data["edit"].get("id"):
+            edits[str(e.data["edit"]["id"])] = e.data["edit"]["status"]
+    transitions = [e.data["to"] for e in events if e.kind == ev.TRANSITION]
+    exact = (state["lr"] == durable and state["edits"] == edits and state["transitions"] == transitions
+             and state["state"] == "finished" and state["seq"] == events[-1].seq)
+    resync_delay = min((t for t in state["resyncs"] if t > m_cont.t), default=float("nan")) - m_cont.t
+    figure("stalled-subscriber",
+           f"SIGSTOP {STALL_S:.0f}s: steps/s during the freeze / the {SIDE_S:.0f}s before = {during / before:.3f}, "
+           f"/ the {SIDE_S:.0f}s after = {during / after:.3f} (goal >= 0.98; {during:.0f}, {before:.0f}, {after:.0f} "
+           f"steps/s); steps per CPU-second of the daemon during / before = {during_cpu / before_cpu:.3f}, / after = "
+           f"{during_cpu / after_cpu:.3f}; longest pause between steps while frozen {longest_pause * 1000:.0f} ms; "
+           f"gaps detected {state['gaps']}, snapshots {state['snapshots']}, resynced {resync_delay:.2f}s after "
+           f"SIGCONT; rebuilt state {'equals' if exact else 'DIFFERS from'} events.jsonl "
+           f"({sum(len(v) for v in durable.values())} LR points)",
+           during_vs_before=during / before, during_vs_after=during / after, gaps=state["gaps"],
+           cpu_during_vs_before=during_cpu / before_cpu)
+    assert state["gaps"] >= 1 and state["snapshots"] >= 2
+    assert exact
+    # goal: 2% of wall-clock steps/s, which other load on a shared 2-core machine moves by more over 10 s windows
+    # (see the churn test); asserted: no gross slowdown, and training never waits for the frozen subscriber
+    assert during / statistics.mean([before, after]) >= 0.7
+    assert not during_cpu / statistics.mean([before_cpu, after_cpu]) < 0.8  # NaN (no /proc): not measured
+    assert longest_pause < 2.0
