@@ -40,12 +40,33 @@ def _value(text: str) -> Any:
     from fts_daemon.schedule import ScheduleError, parse_yaml_text
 
     try:
-        return parse_yaml_text(text, source="value")
+        value = parse_yaml_text(text, source="value")
     except ScheduleError as err:
         message = str(err)
         if "alias bomb" in message or "duplicate key" in message or "longer than" in message:
             raise SystemExit(f"fts-daemon: {text[:40]!r}...: {message}") from None
         return text  # not YAML: a plain word
+    if isinstance(value, str):
+        # YAML 1.1 reads 1e-4 (no dot) as a string; on a command line it is meant as a number
+        for number in (int, float):
+            try:
+                return number(value.strip())
+            except ValueError:
+                pass
+    return value
+
+
+def _lr_list(text: str, flag: str) -> list[float]:
+    """``1e-4,1e-4,1e-5`` as floats; a value that is not a number is refused, naming it."""
+    out = []
+    for item in (v.strip() for v in text.split(",")):
+        if not item:
+            continue
+        try:
+            out.append(float(item))
+        except ValueError:
+            raise SystemExit(f"fts-daemon: {flag}: {item[:40]!r} is not a number") from None
+    return out
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -113,6 +134,7 @@ def _start_options(args: argparse.Namespace, passthrough: list[str]) -> Any:
         progress=not args.no_progress,
         overrides=passthrough,
         history_points=args.history,
+        checkpoint_every=args.checkpoint_every,
     )
 
 
@@ -135,7 +157,8 @@ def _detach(options: Any, passthrough: list[str]) -> int:
     run_dir: Path = options.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "fts_daemon.cli", "start", "--run", options.run, "--run-dir", str(run_dir),
-            "--no-progress", "--transport", options.transport, "--history", str(options.history_points)]
+            "--no-progress", "--transport", options.transport, "--history", str(options.history_points),
+            "--checkpoint-every", str(options.checkpoint_every)]
     for cfg in options.configs:
         argv += ["--config", str(Path(cfg).resolve())]
     if options.resume:
@@ -304,7 +327,7 @@ def _changes_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.pl_lrs_cfg:
         sched["pl_lrs_cfg"] = _pairs(args.pl_lrs_cfg, "--pl-lrs-cfg")
     if args.init_pg_lrs is not None:
-        sched["init_pg_lrs"] = [_value(v) for v in args.init_pg_lrs.split(",") if v.strip()]
+        sched["init_pg_lrs"] = _lr_list(args.init_pg_lrs, "--init-pg-lrs")
     if args.use_current_optimizer_pg_lrs:
         sched["use_current_optimizer_pg_lrs"] = True
     if sched:
@@ -444,6 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curve-dir", help="CURVE keys: server.key_secret and authorized_clients/")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--history", type=int, default=1000, help="points per series kept for snapshots")
+    p.add_argument("--checkpoint-every", type=int, default=1, metavar="N",
+                   help="crash safety: replace checkpoints/last.ckpt every N epochs (default 1; 0: never)")
 
     p = sub.add_parser("status", help="state of a run (default: the live one)")
     p.add_argument("run", nargs="?")

@@ -2,7 +2,8 @@
 
 At every epoch end (after that epoch's validation, at the same point as ``stop --at-epoch-end``, so a resume from it
 is exact) :class:`EpochCheckpoint` replaces ``<run_dir>/checkpoints/last.ckpt`` (not when the run is stopping: a
-stopped epoch may be cut short, and the stop writes its own checkpoint). The file is replaced atomically:
+stopped epoch may be cut short, and the stop writes its own checkpoint). ``fts-daemon start --checkpoint-every N``
+writes it every N epochs instead (0: never), for models whose checkpoint costs more than an epoch's worth of risk. The file is replaced atomically:
 the checkpoint is written to a temporary file in the same directory, flushed to disk, then renamed over the old one,
 so a daemon killed at any instant (SIGKILL, power loss) leaves either the previous or the new ``last.ckpt``, never a
 torn one. ``fts-daemon start --resume`` takes the newest ``*.ckpt`` in the run dir, which after a crash is this file
@@ -55,16 +56,18 @@ def save_atomically(trainer: pl.Trainer, path: Path) -> None:
 
 
 class EpochCheckpoint(Callback):
-    """Writes ``dirpath/last.ckpt`` atomically at every epoch end (see the module docstring).
+    """Writes ``dirpath/last.ckpt`` atomically at every epoch end, or every ``every_n_epochs`` (``fts-daemon start
+    --checkpoint-every N``; 0: never); see the module docstring.
 
     ``steps_started`` counts the training steps this process began (the daemon reports a failure before the first
     one as a set-up problem of the config, in one line).
     """
 
-    def __init__(self, dirpath: Path, on_error: Callable[[str], Any] | None = None):
+    def __init__(self, dirpath: Path, on_error: Callable[[str], Any] | None = None, every_n_epochs: int = 1):
         super().__init__()
         self.dirpath = Path(dirpath)
         self.on_error = on_error
+        self.every_n_epochs = max(0, int(every_n_epochs))  # 0: never
         self.failed = False
         self.path = self.dirpath / LAST_CHECKPOINT
         self.steps_started = 0
@@ -76,7 +79,9 @@ class EpochCheckpoint(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # a stopping run (``stop``, a signal, max_time, early stopping of the last phase) may have cut this epoch
         # short: a checkpoint of it would resume as if the epoch had been completed. The stop writes its own.
-        if self.failed or trainer.should_stop:
+        if self.failed or trainer.should_stop or not self.every_n_epochs:
+            return
+        if (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         try:
             save_atomically(trainer, self.path)

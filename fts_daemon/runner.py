@@ -237,6 +237,7 @@ class StartOptions:
     progress: bool = True
     overrides: list[str] = field(default_factory=list)
     history_points: int = 1000
+    checkpoint_every: int = 1  # crash safety: replace checkpoints/last.ckpt every N epochs (0: never)
     heartbeat_s: float = 1.0
     batch_ms: float = 25.0  # shortest time between two batches of events (see BusConfig.batch_ms)
     poll_ms: int = 100  # longest idle sleep of the bus's I/O thread (see BusConfig.poll_ms)
@@ -573,7 +574,8 @@ class Daemon:
 
         opts = self.options
         # crash safety: last.ckpt replaced atomically at every epoch end (every rank: saving is a collective)
-        self._epoch_checkpoint = EpochCheckpoint(self.run_dir / CHECKPOINT_DIR, self._on_write_error)
+        self._epoch_checkpoint = EpochCheckpoint(self.run_dir / CHECKPOINT_DIR, self._on_write_error,
+                                                 every_n_epochs=opts.checkpoint_every)
         self.tap = DaemonTap(
             self._publish if self.bus is not None else None,  # inert on ranks other than 0
             self.edits,

@@ -94,3 +94,31 @@ def test_cli_validate_plan_and_foreground_run(tmp_path: Path, monkeypatch: pytes
         refused = fts("start", "--config", str(cfg), "--run", "open", "--pub", "tcp://0.0.0.0:0", "--ctl",
                       "tcp://127.0.0.1:0", cwd=tmp_path)
         assert refused.returncode == 2 and "without CURVE" in refused.stdout
+
+
+def test_edit_flags_become_typed_changes() -> None:
+    """Numbers on the command line arrive as numbers (YAML 1.1 alone reads ``1e-4`` as a string)."""
+    from fts_daemon.cli import _changes_from_args, build_parser
+
+    args = build_parser().parse_args([
+        "edit", "r", "--phase", "2", "--scheduler", "torch.optim.lr_scheduler.StepLR", "--scheduler-arg",
+        "step_size=10", "--scheduler-arg", "gamma=5e-1", "--init-pg-lrs", "1e-4, 2.5e-5,3"])
+    sched = _changes_from_args(args)["new_lr_scheduler"]
+    assert sched["lr_scheduler_init"]["init_args"] == {"step_size": 10, "gamma": 0.5}
+    assert sched["init_pg_lrs"] == [1e-4, 2.5e-5, 3.0]
+    assert all(type(v) is float for v in sched["init_pg_lrs"])
+
+    bad = build_parser().parse_args(["edit", "r", "--phase", "2", "--init-pg-lrs", "1e-4,fast"])
+    with pytest.raises(SystemExit, match=r"--init-pg-lrs: 'fast' is not a number"):
+        _changes_from_args(bad)
+    nan = build_parser().parse_args(["edit", "r", "--phase", "2", "--init-pg-lrs", "nan"])
+    with pytest.raises(SystemExit, match="finite"):
+        _changes_from_args(nan)
+
+
+def test_start_checkpoint_every_flag() -> None:
+    from fts_daemon.cli import _start_options, build_parser
+
+    args = build_parser().parse_args(["start", "--config", "c.yaml", "--checkpoint-every", "3"])
+    assert _start_options(args, []).checkpoint_every == 3
+    assert build_parser().parse_args(["start", "--config", "c.yaml"]).checkpoint_every == 1
