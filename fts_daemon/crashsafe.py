@@ -43,7 +43,7 @@ def save_atomically(trainer: pl.Trainer, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")  # not *.ckpt: never taken for a checkpoint by --resume
     try:
-        trainer.save_checkpoint(tmp)
+        trainer.save_checkpoint(tmp, weights_only=False)  # a full resumable checkpoint (and no info line per save)
         if trainer.is_global_zero:
             _fsync(tmp)
             os.replace(tmp, path)

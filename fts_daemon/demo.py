@@ -61,15 +61,16 @@ def main(argv: list[str] | None = None) -> int:
         state = json.loads(status.stdout).get("state") if status.returncode == 0 else None
     except ValueError:
         state = None
-    where = "has ended" if state in ("finished", "failed") else "keeps training in the background"
-    print(
-        f"\nThe run '{run}' {where}" + (f" ({state})" if state else "") + ".\n"
-        f"  re-attach:    .venv/bin/fts-tui attach {run}\n"
-        f"  status:       .venv/bin/fts-daemon status {run}\n"
-        f"  stop:         .venv/bin/fts-daemon stop {run}\n"
-        f"  replay later: .venv/bin/fts-tui replay runs/{run}\n"
-        f"  TensorBoard:  .venv/bin/tensorboard --logdir runs/{run}\n"
-    )
+    ended = state in ("finished", "failed")
+    lines = [f"\nThe run '{run}' " + ("has ended" if ended else "keeps training in the background")
+             + (f" ({state})" if state else "") + "."]
+    if not ended:  # a live daemon: how to get back to it
+        lines += [f"  re-attach:    .venv/bin/fts-tui attach {run}",
+                  f"  status:       .venv/bin/fts-daemon status {run}",
+                  f"  stop:         .venv/bin/fts-daemon stop {run}"]
+    lines += [f"  replay:       .venv/bin/fts-tui replay runs/{run}",
+              f"  TensorBoard:  .venv/bin/tensorboard --logdir runs/{run}", ""]
+    print("\n".join(lines))
     return code
 
 

@@ -162,7 +162,10 @@ class FtsApp(App[None]):
             what = info.state if info else "unknown"
             if self.state.finished:
                 what = f"{what}, and the run is {self.state.status}"
-            self.notify(f"phase {phase} is {what}: only phases that have not started can be edited", severity="warning")
+            upcoming = [p.index for p in self.state.phases if self.state.editable(p.index)]
+            hint = f" (select phase {upcoming[0]} with ↓)" if upcoming else ""
+            self.notify(f"phase {phase} is {what}: only phases that have not started can be edited{hint}",
+                        severity="warning")
             return
         self.push_screen(EditForm(self.source, phase), self._edit_done)
 

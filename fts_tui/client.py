@@ -150,6 +150,7 @@ class LiveSource:
         self._plan_task: asyncio.Task[None] | None = None
         self._plan_rev = -1
         self._plan_at = -1e9
+        self._plan_wait = plan_interval  # grows while plan requests fail (e.g. before training starts)
         self.hello: dict[str, Any] = {}
         self.snapshots = 0  # snapshots applied (tests read it)
         self.label = target.describe()
@@ -384,7 +385,7 @@ class LiveSource:
             return
         if self.state.schedule_rev == self._plan_rev or (self._plan_task is not None and not self._plan_task.done()):
             return
-        if self.clock() - self._plan_at < self.plan_interval:
+        if self.clock() - self._plan_at < self._plan_wait:
             return
         self._plan_rev, self._plan_at = self.state.schedule_rev, self.clock()
         self._plan_task = asyncio.get_running_loop().create_task(self._fetch_plan())
@@ -394,6 +395,11 @@ class LiveSource:
             result = await self.request("plan", timeout=max(self.request_timeout, 10.0), **plan_args(self.state))
         except RequestError as err:
             self.state.set_plan(None, str(err))
+            if not self.state.finished:
+                # "no plan yet" passes once training starts: ask again without a schedule change, less often each time
+                self._plan_rev = -1
+                self._plan_wait = min(self._plan_wait * 2, 30.0)
             return
+        self._plan_wait = self.plan_interval
         self.state.set_plan(result if isinstance(result, dict) else None)
 

@@ -256,9 +256,9 @@ async def test_current_and_past_phases_are_not_editable() -> None:
         await pilot.press("e")  # phase 2: current
         await pilot.pause()
         assert not isinstance(app.screen, EditForm)
-        assert "phase 2 is current: only phases that have not started can be edited" in notes(app)
+        assert "phase 2 is current: only phases that have not started can be edited (select phase 3 with ↓)" in notes(app)
         await pilot.press("up", "e")
-        assert "phase 1 is done: only phases that have not started can be edited" in notes(app)
+        assert "phase 1 is done: only phases that have not started can be edited (select phase 3 with ↓)" in notes(app)
         titles = [c.title for c in app.get_system_commands(app.screen)]
         assert "Edit phase 3" in titles and "Edit phase 2" not in titles and "Edit phase 1" not in titles
         assert {"Edits", "Toggle log-y", "Toggle planned trajectory", "Choose metrics", "Help", "Phase 1 details"} <= set(titles)

@@ -201,3 +201,29 @@ async def test_curve_keys_over_tcp(tmp_path: Path) -> None:
         await outsider.close()
     finally:
         bus.close()
+
+
+@pytest.mark.asyncio
+async def test_plan_is_asked_again_after_no_plan_yet() -> None:
+    """A TUI attached before training starts gets "no plan yet", then the plan without any schedule change."""
+    calls: list[float] = []
+
+    def plan(args: dict) -> dict:
+        calls.append(time.monotonic())
+        if len(calls) < 3:
+            raise OpError("no plan yet: the number of steps per epoch is known once training starts")
+        return plan_for(args.get("changes"))
+
+    b = EventBus(BusConfig(run="demo-explicit-reinit", pub="tcp://127.0.0.1:0", ctl="tcp://127.0.0.1:0", heartbeat_s=0.2))
+    b.register("plan", plan, ("phase", "changes", "transition_epochs"))
+    b.start()
+    try:
+        publish(b, EVENTS[:50])
+        await until(lambda: b.seq >= 50)
+        async with following(LiveSource(Target(ctl=b.endpoints[1]), heartbeat_timeout=2.0, plan_interval=0.1)) as source:
+            await until(lambda: source.state.plan_error is not None and "no plan yet" in source.state.plan_error)
+            await until(lambda: source.state.plan is not None)
+            assert source.state.plan_error is None and len(calls) == 3
+            assert calls[2] - calls[1] >= 0.3  # waits 0.1 * 2 * 2 after two failures: asked less often while it fails
+    finally:
+        b.close()
