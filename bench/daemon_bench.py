@@ -10,7 +10,7 @@
    event after a pause (when it wakes the sleeping I/O thread), against the alternatives: ``queue.Queue.put_nowait``
    and an inproc PAIR socket (which needs the event encoded on the training thread).
 
-    python bench/daemon_bench.py              # everything (about 2-3 minutes on 2 cores)
+    python bench/daemon_bench.py              # everything (about 5 minutes on 2 cores)
     python bench/daemon_bench.py --quick      # fewer pairs and rates
     python bench/daemon_bench.py --json out.json
 """
@@ -41,11 +41,14 @@ REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "configs" / "demo_explicit_reinit_lr.yaml"
 LR_DATA = {"lrs": {f"Explicit_Reinit_LR_Scheduler/pg{i}": 1.0e-3 / (i + 1) for i in range(1, 9)}}
 SIZES = {
-    # name: LightningCLI overrides on top of the explicit demo (no step delay)
-    "tiny": ["--model.init_args.hidden=32", "--model.init_args.num_layers=2", "--data.init_args.batch_size=32"],
-    "large": ["--model.init_args.hidden=384", "--model.init_args.num_layers=4", "--data.init_args.batch_size=64"],
+    # name: LightningCLI overrides on top of the explicit demo (no step delay); each run trains ~2-3 s on 2 cores
+    # (512 and 128 steps per epoch) so that per-run costs (start-up, the first checkpoint) do not pass for per-step
+    "tiny": ["--model.init_args.hidden=32", "--model.init_args.num_layers=2", "--data.init_args.batch_size=32",
+             "--data.init_args.num_train=16384"],
+    "large": ["--model.init_args.hidden=384", "--model.init_args.num_layers=4", "--data.init_args.batch_size=64",
+              "--data.init_args.num_train=8192"],
 }
-COMMON = ["--model.init_args.step_delay=0", "--trainer.enable_progress_bar=false", "--data.init_args.num_train=4096",
+COMMON = ["--model.init_args.step_delay=0", "--trainer.enable_progress_bar=false",
           "--trainer.enable_model_summary=false"]
 
 
@@ -243,6 +246,7 @@ class _Timer:
 
         self.callback = TimerCallback()
         self.t0 = self.c0 = self.elapsed = self.cpu = 0.0
+        self.io_cpu = 0.0  # the daemon's I/O thread, whole run
         self.steps = 0
 
     @property
@@ -277,6 +281,8 @@ def daemon_run(overrides: list[str], tmp: str, run: str) -> tuple[_Timer, dict[s
                                      callbacks=[timer.callback]))
         rc = daemon.run()
     assert rc == 0, daemon.error
+    assert daemon.bus is not None
+    timer.io_cpu = daemon.bus.io_cpu_s
     return timer, subscriber_result(proc)
 
 
@@ -284,7 +290,7 @@ def training(pairs: int, sizes: list[str], epochs: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for size in sizes:
         overrides = [*COMMON, *SIZES[size], f"--trainer.max_epochs={epochs}"]
-        plain, daemon, ratios, subs, cpu_plain, cpu_daemon = [], [], [], [], [], []
+        plain, daemon, ratios, subs, cpu_plain, cpu_daemon, io_share = [], [], [], [], [], [], []
         with tempfile.TemporaryDirectory(prefix="ftsb") as tmp:
             os.environ["FTS_RUNTIME_DIR"] = tmp
             plain_run(overrides, tmp)  # warm-up: imports, allocator, caches
@@ -300,6 +306,7 @@ def training(pairs: int, sizes: list[str], epochs: int) -> dict[str, Any]:
                 ratios.append(d.rate / p.rate)
                 cpu_plain.append(p.cpu_us_per_step)
                 cpu_daemon.append(d.cpu_us_per_step)
+                io_share.append(d.io_cpu / d.elapsed)
                 subs.append(sub)
                 print(f"  {size} pair {i + 1}/{pairs}: plain {p.rate:7.1f} steps/s, daemon {d.rate:7.1f} steps/s, "
                       f"ratio {d.rate / p.rate:.3f}; training-thread CPU {p.cpu_us_per_step:6.0f} vs "
@@ -313,6 +320,7 @@ def training(pairs: int, sizes: list[str], epochs: int) -> dict[str, Any]:
             "ratios": ratios,
             "train_thread_cpu_us_per_step_plain": statistics.median(cpu_plain),
             "train_thread_cpu_us_per_step_daemon": statistics.median(cpu_daemon),
+            "io_thread_cpu_share": statistics.median(io_share),
             "subscriber_events": [s["count"] for s in subs],
             "subscriber_lost": sum(s["lost"] for s in subs),
         }
@@ -340,7 +348,7 @@ def main() -> int:
 
     for name in ("pytorch_lightning", "lightning_fabric", "fts_daemon"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    pairs = args.pairs or (3 if args.quick else 5)
+    pairs = args.pairs or (3 if args.quick else 8)
     results: dict[str, Any] = {}
 
     print("3. per-event cost on the training thread (us/event, 8-group lr event)", flush=True)
@@ -365,7 +373,8 @@ def main() -> int:
         extra = r["train_thread_cpu_us_per_step_daemon"] - r["train_thread_cpu_us_per_step_plain"]
         print(f"  {size:6} plain {r['plain_steps_per_s']:7.1f} steps/s  daemon {r['daemon_steps_per_s']:7.1f} steps/s  "
               f"ratio: median of pairs {r['ratio_median']:.3f}, best vs best {r['ratio_best']:.3f}; "
-              f"training thread +{extra:.0f} us/step CPU; subscriber lost {r['subscriber_lost']} events")
+              f"training thread +{extra:.0f} us/step CPU; I/O thread CPU {100 * r['io_thread_cpu_share']:.1f}% of "
+              f"the run's time; subscriber lost {r['subscriber_lost']} events")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0

@@ -187,6 +187,7 @@ class EventBus:
         self.dropped = 0  # lossy events refused because the queue was full (training-thread side)
         self._dropped_seen = 0
         self.published = 0
+        self.io_cpu_s = 0.0  # CPU time the I/O thread used, set when it ends (benchmarks read it)
         self._last_send = time.monotonic()
         self._jsonl: TextIO | None = None
         self._unflushed = False
@@ -340,6 +341,7 @@ class EventBus:
             ctx.term()
             self._close_wake_pipe()
             self._unlink_ipc()
+            self.io_cpu_s = time.thread_time()
 
     def _jsonl_failed(self, err: OSError) -> None:
         """events.jsonl cannot be written: stop writing it (subscribers still get every event), and report it once

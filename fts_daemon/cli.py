@@ -56,6 +56,17 @@ def _value(text: str) -> Any:
     return value
 
 
+def _share(text: str) -> float:
+    """A fraction in [0, 1] for argparse (an error becomes its one-line usage error)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a fraction from 0 to 1, got {text!r}")
+    return value
+
+
 def _lr_list(text: str, flag: str) -> list[float]:
     """``1e-4,1e-4,1e-5`` as floats; a value that is not a number is refused, naming it."""
     out = []
@@ -135,6 +146,7 @@ def _start_options(args: argparse.Namespace, passthrough: list[str]) -> Any:
         overrides=passthrough,
         history_points=args.history,
         checkpoint_every=args.checkpoint_every,
+        checkpoint_overhead=args.checkpoint_overhead,
     )
 
 
@@ -158,7 +170,7 @@ def _detach(options: Any, passthrough: list[str]) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "fts_daemon.cli", "start", "--run", options.run, "--run-dir", str(run_dir),
             "--no-progress", "--transport", options.transport, "--history", str(options.history_points),
-            "--checkpoint-every", str(options.checkpoint_every)]
+            "--checkpoint-every", str(options.checkpoint_every), "--checkpoint-overhead", str(options.checkpoint_overhead)]
     for cfg in options.configs:
         argv += ["--config", str(Path(cfg).resolve())]
     if options.resume:
@@ -469,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--history", type=int, default=1000, help="points per series kept for snapshots")
     p.add_argument("--checkpoint-every", type=int, default=1, metavar="N",
                    help="crash safety: replace checkpoints/last.ckpt every N epochs (default 1; 0: never)")
+    p.add_argument("--checkpoint-overhead", type=_share, default=0.01, metavar="F",
+                   help="crash safety: skip an epoch's save while the last one took more than F of the time since "
+                        "(default 0.01: at most ~1%% of the run; 0: save every N epochs regardless)")
 
     p = sub.add_parser("status", help="state of a run (default: the live one)")
     p.add_argument("run", nargs="?")

@@ -238,6 +238,7 @@ class StartOptions:
     overrides: list[str] = field(default_factory=list)
     history_points: int = 1000
     checkpoint_every: int = 1  # crash safety: replace checkpoints/last.ckpt every N epochs (0: never)
+    checkpoint_overhead: float = 0.01  # ... skipping epochs while the last save cost more than this share of the time
     heartbeat_s: float = 1.0
     batch_ms: float = 25.0  # shortest time between two batches of events (see BusConfig.batch_ms)
     poll_ms: int = 100  # longest idle sleep of the bus's I/O thread (see BusConfig.poll_ms)
@@ -573,9 +574,10 @@ class Daemon:
         from fts_daemon.tap import DaemonTap
 
         opts = self.options
-        # crash safety: last.ckpt replaced atomically at every epoch end (every rank: saving is a collective)
+        # crash safety: last.ckpt replaced atomically at epoch ends (every rank: saving is a collective)
         self._epoch_checkpoint = EpochCheckpoint(self.run_dir / CHECKPOINT_DIR, self._on_write_error,
-                                                 every_n_epochs=opts.checkpoint_every)
+                                                 every_n_epochs=opts.checkpoint_every,
+                                                 max_overhead=opts.checkpoint_overhead)
         self.tap = DaemonTap(
             self._publish if self.bus is not None else None,  # inert on ranks other than 0
             self.edits,

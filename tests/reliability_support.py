@@ -27,6 +27,10 @@ REPO = Path(__file__).resolve().parent.parent
 FIGURES: list[dict[str, Any]] = []
 FIGURES_ENV = "FTS_RELIABILITY_FIGURES"
 
+# tests that compare last.ckpt across runs or count lost epochs pin the cadence to every epoch (the default skips
+# epochs whose save would cost more than 1% of the time, which depends on the machine's speed)
+EVERY_EPOCH = ("--checkpoint-overhead", "0")
+
 
 def figure(key: str, text: str, **values: Any) -> None:
     """Report one measured figure: ``key`` names the item (e.g. ``crash-resume``), ``text`` is the one-line result."""

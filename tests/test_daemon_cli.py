@@ -121,4 +121,10 @@ def test_start_checkpoint_every_flag() -> None:
 
     args = build_parser().parse_args(["start", "--config", "c.yaml", "--checkpoint-every", "3"])
     assert _start_options(args, []).checkpoint_every == 3
-    assert build_parser().parse_args(["start", "--config", "c.yaml"]).checkpoint_every == 1
+    defaults = build_parser().parse_args(["start", "--config", "c.yaml"])
+    assert (defaults.checkpoint_every, defaults.checkpoint_overhead) == (1, 0.01)
+    args = build_parser().parse_args(["start", "--config", "c.yaml", "--checkpoint-overhead", "0"])
+    assert _start_options(args, []).checkpoint_overhead == 0.0
+    for bad in ("-0.1", "nan", "2", "lots"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["start", "--config", "c.yaml", "--checkpoint-overhead", bad])

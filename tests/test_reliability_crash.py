@@ -2,8 +2,9 @@
 was never interrupted.
 
 Checkpoint cadence (what a crash can lose): the daemon replaces ``<run_dir>/checkpoints/last.ckpt`` atomically at
-every epoch end (``fts_daemon.crashsafe``), and ``--resume`` continues from the newest ``*.ckpt`` in the run dir. A
-kill therefore loses at most the epoch in progress, which the resumed run trains again, identically.
+epoch ends (``fts_daemon.crashsafe``; these runs use ``--checkpoint-overhead 0``, a save at every epoch end), and
+``--resume`` continues from the newest ``*.ckpt`` in the run dir. A kill therefore loses at most the epoch in
+progress, which the resumed run trains again, identically.
 
 Each chain of trials is one run dir, killed four times and resumed after each kill, then left to finish:
 
@@ -36,7 +37,16 @@ from fts_daemon.client import Control
 from fts_daemon.edits import Journal, merge_phase, replay_journal
 
 from .daemon_support import SCHEDULE, write_config
-from .reliability_support import DaemonProcess, ProbeLog, add_probe, env_for, figure, lr_steps, read_event_file
+from .reliability_support import (
+    EVERY_EPOCH,
+    DaemonProcess,
+    ProbeLog,
+    add_probe,
+    env_for,
+    figure,
+    lr_steps,
+    read_event_file,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -115,7 +125,7 @@ class Chain:
         self.trials.append(trial)
 
     def _start_resumed(self) -> DaemonProcess:
-        return DaemonProcess.start(self.run, self.run_dir, self.env, resume=True)
+        return DaemonProcess.start(self.run, self.run_dir, self.env, resume=True, extra=EVERY_EPOCH)
 
     # ------------------------------------------------------------------------------------------ the chain
 
@@ -130,7 +140,7 @@ class Chain:
     def _run(self, procs: list[DaemonProcess]) -> None:
         rng = self.rng
         # 1: kill right after an edit is acknowledged (after the first checkpoint, before phase 2 starts)
-        proc = DaemonProcess.start(self.run, self.run_dir, self.env, config=self.config)
+        proc = DaemonProcess.start(self.run, self.run_dir, self.env, config=self.config, extra=EVERY_EPOCH)
         procs.append(proc)
         rec = proc.record()
         at = sorted(rng.sample(range(STEPS_PER_EPOCH + 1, 4 * STEPS_PER_EPOCH - 1), 2))
@@ -176,7 +186,7 @@ def crashes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     chains = [Chain(i, base, env) for i in range(CHAINS)]
 
     def reference() -> int:
-        proc = DaemonProcess.start("crashref", base / "crashref", env, config=ref_cfg)
+        proc = DaemonProcess.start("crashref", base / "crashref", env, config=ref_cfg, extra=EVERY_EPOCH)
         return proc.wait(300)
 
     started = time.monotonic()

@@ -31,7 +31,7 @@ from fts_daemon import events as ev
 from fts_daemon.client import Control
 
 from .daemon_support import SCHEDULE, wait_for, write_config
-from .reliability_support import DaemonProcess, env_for, figure, lr_steps, read_event_file
+from .reliability_support import EVERY_EPOCH, DaemonProcess, env_for, figure, lr_steps, read_event_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -162,7 +162,7 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Any:
     sched[0]["max_transition_epoch"], sched[1]["max_transition_epoch"] = 6, 12
     cfg = write_config(base / "cfg", sched, step_delay=0.05, max_epochs=1000, num_train=32 * STEPS_PER_EPOCH,
                        name="fz")
-    proc = DaemonProcess.start("fuzz", base / "fuzz", env, config=cfg)
+    proc = DaemonProcess.start("fuzz", base / "fuzz", env, config=cfg, extra=EVERY_EPOCH)
     rec = proc.record()
     ctx = zmq.Context()
     with Control(rec.ctl, timeout=30) as ctl:
@@ -236,7 +236,7 @@ def test_fuzzed_run_is_unchanged(target: Any) -> None:
     # the same config, never fuzzed, trained for the same number of epochs
     cfg = write_config(base / "cfg-ref", target["sched"], max_epochs=epochs, num_train=32 * STEPS_PER_EPOCH,
                        name="ref")
-    ref = DaemonProcess.start("fuzzref", base / "fuzzref", env, config=cfg)
+    ref = DaemonProcess.start("fuzzref", base / "fuzzref", env, config=cfg, extra=EVERY_EPOCH)
     assert ref.wait(300) == 0
     ref_events = read_event_file(base / "fuzzref" / "events.jsonl").events
     ref_ckpt = torch.load(base / "fuzzref" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
