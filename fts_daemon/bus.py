@@ -553,7 +553,7 @@ class EventBus:
         if op == "hello":
             return self.hello()
         if op == "snapshot":
-            return {**self.hello(), **self.history.snapshot(), "stats": self.stats()}
+            return ev.RawJSON(self.history.snapshot_json(self.hello(), {"stats": self.stats()}))
         handler = self._handlers.get(op)
         if handler is None:
             raise OpError(f"op {op!r} is not available in this daemon")

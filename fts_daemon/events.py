@@ -169,7 +169,18 @@ def request(op: str, req_id: str | int, **args: Any) -> bytes:
     return dumps({"id": req_id, "op": op, **args})
 
 
+class RawJSON:
+    """A result already encoded as JSON (by :func:`dumps`): :func:`ok_reply` puts it in as it is."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: bytes):
+        self.raw = raw
+
+
 def ok_reply(req_id: Any, result: Any) -> bytes:
+    if isinstance(result, RawJSON):
+        return b'{"id":' + dumps(req_id) + b',"ok":true,"result":' + result.raw + b"}"
     return dumps({"id": req_id, "ok": True, "result": result})
 
 

@@ -143,6 +143,9 @@ class Downsampler:
         self.points: list[Any] = []
         self.pending: list[Any] = []  # raw points of the bucket being filled
         self.last: Any = None
+        # JSON of points[:len(_json)]: stored points only change by appending until a compaction or a rewind, so
+        # a snapshot encodes only what came since the previous one (late subscribers attach often; see values_json)
+        self._json: list[bytes] = []
 
     def add(self, point: Any) -> None:
         self.count += 1
@@ -166,11 +169,13 @@ class Downsampler:
             out.extend(_extremes(pts[start : start + 4]))
         out.extend(pts[n:])  # a partial group (only right after a rewind) stays as it is
         self.points = out
+        self._json = []
         self.stride = 4 if self.stride == 1 else self.stride * 2
 
     def rewind(self, step: Any) -> None:
         """Forget the points at ``step`` or later (a resumed run repeats them from an earlier checkpoint)."""
         self.points = [p for p in self.points if p[0] is None or p[0] < step]
+        self._json = []
         self.pending = [p for p in self.pending if p[0] is None or p[0] < step]
         self.last = self.pending[-1] if self.pending else self.points[-1] if self.points else None
 
@@ -179,6 +184,18 @@ class Downsampler:
         if self.last is not None and (not out or out[-1] is not self.last):
             out.append(self.last)
         return out
+
+    def values_json(self) -> bytes:
+        """``ev.dumps(self.values())``, encoding only the points stored since the last call."""
+        done = self._json
+        for point in self.points[len(done):]:
+            done.append(ev.dumps(point))
+        tail = _extremes(self.pending)
+        out = self.points + tail  # only to decide on the last point exactly as values() does
+        parts = done + [ev.dumps(p) for p in tail]
+        if self.last is not None and (not out or out[-1] is not self.last):
+            parts.append(ev.dumps(self.last))
+        return b"[" + b",".join(parts) + b"]"
 
 
 # --------------------------------------------------------------------------------------------------- history
@@ -265,7 +282,19 @@ class RunHistory:
         self._transition_daemons.append(event.daemon)
         self.phase = int(event.data.get("to", self.phase))
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot_json(self, before: dict[str, Any] | None = None, after: dict[str, Any] | None = None) -> bytes:
+        """``ev.dumps({**before, **self.snapshot(), **after})`` with the series encoded incrementally (see
+        :meth:`Downsampler.values_json`): the snapshot reply, which a late subscriber asks for on every attach."""
+        head = ev.dumps({**(before or {}), **self._snapshot_head(), **(after or {})})
+        lr = b",".join(ev.dumps(tag) + b":" + s.values_json() for tag, s in self.lr.items())
+        metrics = b",".join(
+            ev.dumps(name) + b':{"stage":' + ev.dumps(self.metric_stage.get(name, "train")) + b',"points":'
+            + s.values_json() + b"}"
+            for name, s in self.metrics.items()
+        )
+        return head[:-1] + b',"lr":{' + lr + b'},"metrics":{' + metrics + b"}}"
+
+    def _snapshot_head(self) -> dict[str, Any]:
         return {
             "state": self.state.get("state"),
             "state_data": dict(self.state),
@@ -276,6 +305,11 @@ class RunHistory:
             "edits": list(self.edits.values()),
             "transitions": list(self.transitions),
             "logs": list(self.logs),
+        }
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            **self._snapshot_head(),
             "lr": {tag: s.values() for tag, s in self.lr.items()},
             "metrics": {
                 name: {"stage": self.metric_stage.get(name, "train"), "points": s.values()}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import random
 from pathlib import Path
 
 import pytest
@@ -344,3 +346,61 @@ def test_an_event_after_a_quiet_spell_is_sent_at_once(rt: Path, tmp_path: Path) 
     finally:
         bus.close()
     assert statistics.median(lags) < 0.1 and statistics.median(replies) < 0.1, (lags, replies)
+
+
+@given(
+    st.integers(min_value=8, max_value=40),
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("lr"), st.integers(0, 3), st.floats(allow_infinity=True, allow_nan=True)),
+            st.tuples(st.just("metric"), st.integers(0, 3), st.floats(allow_infinity=True, allow_nan=True)),
+            st.tuples(st.just("rewind"), st.integers(0, 40), st.none()),
+            st.tuples(st.just("snapshot"), st.none(), st.none()),
+        ),
+        max_size=400,
+    ),
+)
+def test_incremental_snapshot_json_equals_encoding_the_snapshot(max_points: int, ops: list) -> None:
+    """What a late subscriber receives is exactly what encoding the whole snapshot gives, however the series
+    were compacted, rewound (a resume), or snapshotted in between (the cache of already-encoded points)."""
+    history = RunHistory(max_points=max_points)
+    step, seq = 0, 0
+    hello, after = {"run": "r", "phase": -1}, {"stats": {"published": 3}}
+    for kind, a, value in ops:
+        seq += 1
+        if kind == "rewind":
+            step = max(0, step - a)  # a resumed run repeats steps from an earlier checkpoint
+            continue
+        if kind == "snapshot":
+            assert json.loads(history.snapshot_json(hello, after)) == json.loads(
+                ev.dumps({**hello, **history.snapshot(), **after}))
+            continue
+        step += 1
+        if kind == "lr":
+            data = {"lrs": {f"g/pg{i}": value for i in range(a + 1)}}
+        else:
+            data = {"metrics": {f"m{a}": value}, "stage": "val" if a == 3 else "train"}
+        history.ingest(ev.Event(kind=kind, seq=seq, ts=0.0, run="r", daemon="d", data=data, step=step, epoch=step // 7))
+    raw = history.snapshot_json(hello, after)
+    assert json.loads(raw) == json.loads(ev.dumps({**hello, **history.snapshot(), **after}))
+    assert json.loads(raw)["phase"] == history.phase  # the history's own fields win over hello's, as before
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_incremental_snapshot_json_across_compactions_and_resumes(seed: int) -> None:
+    """Long runs with snapshots between compactions (the cached points must be dropped when they are rewritten)."""
+    rng = random.Random(seed)
+    history = RunHistory(max_points=16)
+    step = 0
+    for seq in range(1, 3000):
+        if rng.random() < 0.003:
+            step = max(0, step - rng.randint(1, 200))  # a resume from an earlier checkpoint
+        step += 1
+        value = rng.choice([rng.random(), rng.random(), math.nan, math.inf])
+        history.ingest(ev.Event(kind=ev.LR, seq=seq, ts=0.0, run="r", daemon="d",
+                                data={"lrs": {"a/pg1": value, "a/pg2": value / 2}}, step=step, epoch=step // 50))
+        if seq % 3 == 0:
+            history.ingest(ev.Event(kind=ev.METRIC, seq=seq, ts=0.0, run="r", daemon="d",
+                                    data={"metrics": {"loss": value}, "stage": "train"}, step=step, epoch=step // 50))
+        if rng.random() < 0.1:
+            assert json.loads(history.snapshot_json()) == json.loads(ev.dumps(history.snapshot())), seq
