@@ -67,7 +67,7 @@ def _share(text: str) -> float:
     return value
 
 
-def _lr_list(text: str, flag: str) -> list[float]:
+def _lr_list(text: str, flag: str, field: str) -> list[float]:
     """``1e-4,1e-4,1e-5`` as floats; a value that is not a number is refused, naming it."""
     out = []
     for item in (v.strip() for v in text.split(",")):
@@ -76,7 +76,7 @@ def _lr_list(text: str, flag: str) -> list[float]:
         try:
             out.append(float(item))
         except ValueError:
-            raise SystemExit(f"fts-daemon: {flag}: {item[:40]!r} is not a number") from None
+            raise SystemExit(f"fts-daemon: {field} ({flag}): {item[:40]!r} is not a number") from None
     return out
 
 
@@ -339,7 +339,7 @@ def _changes_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.pl_lrs_cfg:
         sched["pl_lrs_cfg"] = _pairs(args.pl_lrs_cfg, "--pl-lrs-cfg")
     if args.init_pg_lrs is not None:
-        sched["init_pg_lrs"] = _lr_list(args.init_pg_lrs, "--init-pg-lrs")
+        sched["init_pg_lrs"] = _lr_list(args.init_pg_lrs, "--init-pg-lrs", "new_lr_scheduler.init_pg_lrs")
     if args.use_current_optimizer_pg_lrs:
         sched["use_current_optimizer_pg_lrs"] = True
     if sched:

@@ -109,7 +109,7 @@ def test_edit_flags_become_typed_changes() -> None:
     assert all(type(v) is float for v in sched["init_pg_lrs"])
 
     bad = build_parser().parse_args(["edit", "r", "--phase", "2", "--init-pg-lrs", "1e-4,fast"])
-    with pytest.raises(SystemExit, match=r"--init-pg-lrs: 'fast' is not a number"):
+    with pytest.raises(SystemExit, match=r"new_lr_scheduler.init_pg_lrs \(--init-pg-lrs\): 'fast' is not a number"):
         _changes_from_args(bad)
     nan = build_parser().parse_args(["edit", "r", "--phase", "2", "--init-pg-lrs", "nan"])
     with pytest.raises(SystemExit, match="finite"):
