@@ -49,6 +49,8 @@ log = logging.getLogger("fts_daemon.bus")
 
 # Kinds that may be dropped under pressure (one per step); everything else is rare and must arrive.
 LOSSY_KINDS = frozenset({ev.LR, ev.METRIC})
+# written through to the kernel at once (a killed daemon's record keeps them); the rest is flushed every FLUSH_S
+DURABLE_KINDS = frozenset({ev.STATE, ev.SCHEDULE, ev.TRANSITION, ev.EDIT})
 # Control requests answered per loop turn before publishing resumes (a request flood cannot starve the stream).
 MAX_REQUESTS_PER_TURN = 64
 # Events published per loop turn before control requests are looked at again.
@@ -496,6 +498,9 @@ class EventBus:
             try:
                 self._jsonl.write(frames[1].decode("utf-8") + "\n")
                 self._unflushed = True
+                if event.kind in DURABLE_KINDS:
+                    self._jsonl.flush()
+                    self._unflushed = False
             except OSError as err:
                 self._jsonl_failed(err)
         self.published += 1

@@ -404,3 +404,21 @@ def test_incremental_snapshot_json_across_compactions_and_resumes(seed: int) -> 
                                     data={"metrics": {"loss": value}, "stage": "train"}, step=step, epoch=step // 50))
         if rng.random() < 0.1:
             assert json.loads(history.snapshot_json()) == json.loads(ev.dumps(history.snapshot())), seq
+
+
+def test_state_edit_and_transition_events_reach_the_file_at_once(rt: Path, tmp_path: Path) -> None:
+    """A daemon killed right after such an event still has it in events.jsonl (the rest is flushed every 0.1 s)."""
+    bus = make_bus(rt, tmp_path, heartbeat_s=60)
+    try:
+        path = tmp_path / "events.jsonl"
+        for kind, data in ((ev.STATE, {"state": "training", "error": None}),
+                           (ev.EDIT, {"edit": {"id": "e1", "phase": 2, "status": "queued"}}),
+                           (ev.TRANSITION, {"from": 0, "to": 1, "reason": "epoch_limit"})):
+            before = bus.published
+            bus.publish(kind, data, 5, 1)
+            wait_for(lambda before=before: bus.published > before, timeout=5)
+            # no sleep: published counts after the write, and these kinds are written through before it
+            last = path.read_text(encoding="utf-8").splitlines()[-1]
+            assert json.loads(last)["kind"] == kind
+    finally:
+        bus.close()
