@@ -238,7 +238,7 @@ class FtsApp(App[None]):
         yield SystemCommand("Overlay metric by phase", "Align one metric at each phase start", self.action_toggle_overlay)
         yield SystemCommand("Help", "Keys and what the panels show", self.action_help)
         for p in self.state.phases:
-            yield SystemCommand(f"Phase {p.index} details", f"{p.state}: params, scheduler, groups, edits", _bind(self.show_phase, p.index))
+            yield SystemCommand(f"Phase {p.index} details", f"{self.state.phase_state(p)}: params, scheduler, groups, edits", _bind(self.show_phase, p.index))
             if not self.source.read_only and self.state.editable(p.index):
                 yield SystemCommand(f"Edit phase {p.index}", "Queue an edit for this upcoming phase", _bind(self.action_edit_phase, p.index))
 

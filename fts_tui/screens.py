@@ -170,7 +170,7 @@ def phase_markdown(state: RunState, phase: int) -> str:
     sched, here = state.scheduler_in_force(phase)
     groups = state.groups_for(phase)
     lines = [
-        f"# Phase {phase} — {p.state}",
+        f"# Phase {phase} — {state.phase_state(p)}",
         "",
         f"- **lr** (new groups): {'–' if p.lr is None else fmt_num(p.lr)}",
         f"- **max_transition_epoch**: {p.max_transition_epoch}",

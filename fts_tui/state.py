@@ -260,6 +260,7 @@ class RunState:
         self.info: dict[str, Any] = {}
         self.status = "starting"
         self.error: str | None = None
+        self.end_reason: str | None = None  # of a finished run: "completed", "stopped", ...
         self.phase = 0
         self.max_depth: int | None = None
         self.epoch: int | None = None
@@ -342,6 +343,8 @@ class RunState:
         self.status = new
         if data.get("error"):
             self.error = str(data["error"])
+        if data.get("reason") is not None:
+            self.end_reason = str(data["reason"])
         if changed and new not in ("training", "transition"):
             level = "error" if new == "failed" else "info"
             text = f"run {new}" + (f": {self.error}" if new == "failed" and self.error else "")
@@ -473,6 +476,7 @@ class RunState:
             self.info.update(state_data["info"])
         self.status = str(snap.get("state") or state_data.get("state") or self.status)
         self.error = state_data.get("error")
+        self.end_reason = None if state_data.get("reason") is None else str(state_data["reason"])
         self.epoch, self.step = snap.get("epoch"), snap.get("step")
         if snap.get("schedule"):
             self.load_schedule(snap["schedule"])
@@ -532,6 +536,12 @@ class RunState:
     @property
     def finished(self) -> bool:
         return self.status in FINAL_STATES
+
+    def phase_state(self, phase: PhaseInfo) -> str:
+        """The phase's state as shown: the last phase of a run that ran to its end is done, not current."""
+        if phase.state == "current" and self.status == "finished" and self.end_reason == "completed":
+            return "done"
+        return phase.state
 
     def steps_per_second(self) -> float | None:
         if len(self._rate) < 2:

@@ -149,14 +149,15 @@ def schedule_rows(state: RunState) -> list[tuple[int, list[Cell]]]:
             edits = (f"✓ applied @{applied[-1].applied_step}", "#81c784")
         else:
             edits = ("", "")
+        shown = state.phase_state(p)
         sched, here = _scheduler_text(state, p)
         sched_eff, here_eff = _scheduler_text(state, eff)
         rows.append(
             (
                 p.index,
                 [
-                    (str(p.index), "bold" if p.state == "current" else ""),
-                    (("▶ " if p.state == "current" else "") + p.state, STATE_STYLE.get(p.state, "")),
+                    (str(p.index), "bold" if shown == "current" else ""),
+                    (("▶ " if shown == "current" else "") + shown, STATE_STYLE.get(shown, "")),
                     _cell(summarize_params(p.params, widths[2]), summarize_params(eff.params, widths[2]), widths[2]),
                     _cell("–" if p.lr is None else fmt_num(p.lr), "–" if eff.lr is None else fmt_num(eff.lr), widths[3]),
                     _cell(str(p.max_transition_epoch), str(eff.max_transition_epoch), widths[4]),

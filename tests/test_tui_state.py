@@ -275,3 +275,20 @@ def test_snapshot_does_not_mutate_its_input() -> None:
     before = copy.deepcopy(snap)
     RunState().apply_snapshot(snap)
     assert snap == before
+
+
+@pytest.mark.parametrize(("reason", "last_shown"), [("completed", "done"), ("stopped", "current"), (None, "current")])
+def test_a_completed_run_shows_its_last_phase_done(reason: str | None, last_shown: str) -> None:
+    """A run that ran to its end has no current phase; a stopped one (resumable) still stands in its phase."""
+    events = build_run()
+    final = events[-1]
+    assert final.kind == "state" and final.data["state"] == "finished"
+    data = {**final.data, **({} if reason is None else {"reason": reason})}
+    events[-1] = Event(**{**final.__dict__, "data": data})
+    live = RunState(tolerant=True)
+    live.load_events(events)
+    snapped = RunState()
+    snapped.apply_snapshot(daemon_snapshot(events))
+    for s in (live, snapped):
+        shown = [s.phase_state(p) for p in s.phases]
+        assert shown == ["done", "done", "done", last_shown], (reason, shown)
