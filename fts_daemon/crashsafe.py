@@ -106,11 +106,13 @@ class EpochCheckpoint(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # a stopping run (``stop``, a signal, max_time, early stopping of the last phase) may have cut this epoch
         # short: a checkpoint of it would resume as if the epoch had been completed. The stop writes its own.
-        if self.failed or trainer.should_stop:
+        if trainer.should_stop:
             return
         now = self.clock()
         since = None if self._last_end is None else now - self._last_end
-        save = due(trainer.current_epoch, self.every_n_epochs, self.max_overhead, self._last_cost, since)
+        # (a failed write is seen by rank 0 only: it goes into the decision every rank takes)
+        save = not self.failed and due(trainer.current_epoch, self.every_n_epochs, self.max_overhead,
+                                       self._last_cost, since)
         if trainer.world_size > 1:
             # saving is a collective: every rank must take rank 0's (timing-based) decision
             save = bool(trainer.strategy.broadcast(save, src=0))
