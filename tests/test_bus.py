@@ -422,3 +422,14 @@ def test_state_edit_and_transition_events_reach_the_file_at_once(rt: Path, tmp_p
             assert json.loads(last)["kind"] == kind
     finally:
         bus.close()
+
+
+@given(st.tuples(st.integers(-(2**70), 2**70) | st.none(),
+                 st.floats(allow_nan=True, allow_infinity=True) | st.integers() | st.none(),
+                 st.floats(width=32) | st.booleans() | st.text(max_size=3)))
+def test_point_encoding_is_the_json_modules(point: tuple) -> None:
+    from fts_daemon.history import _point_json
+
+    expected = ev.dumps(point)  # NaN/inf become null there too
+    assert _point_json(point) == expected
+    assert _point_json(point[:2]) == ev.dumps(point[:2])
