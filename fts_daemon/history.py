@@ -179,23 +179,23 @@ class Downsampler:
         self.pending = [p for p in self.pending if p[0] is None or p[0] < step]
         self.last = self.pending[-1] if self.pending else self.points[-1] if self.points else None
 
+    def _unstored(self) -> list[Any]:
+        """The points values() adds after the stored ones: the filling bucket's extremes, then the newest point."""
+        tail = _extremes(self.pending)
+        newest = tail[-1] if tail else self.points[-1] if self.points else None
+        if self.last is not None and newest is not self.last:
+            tail.append(self.last)
+        return tail
+
     def values(self) -> list[Any]:
-        out = self.points + _extremes(self.pending)
-        if self.last is not None and (not out or out[-1] is not self.last):
-            out.append(self.last)
-        return out
+        return self.points + self._unstored()
 
     def values_json(self) -> bytes:
         """``ev.dumps(self.values())``, encoding only the points stored since the last call."""
         done = self._json
         for point in self.points[len(done):]:
             done.append(_point_json(point))
-        tail = _extremes(self.pending)
-        out = self.points + tail  # only to decide on the last point exactly as values() does
-        parts = done + [_point_json(p) for p in tail]
-        if self.last is not None and (not out or out[-1] is not self.last):
-            parts.append(_point_json(self.last))
-        return b"[" + b",".join(parts) + b"]"
+        return b"[" + b",".join(done + [_point_json(p) for p in self._unstored()]) + b"]"
 
 
 def _number_json(x: Any) -> str | None:
@@ -329,6 +329,7 @@ class RunHistory:
         }
 
     def snapshot(self) -> dict[str, Any]:
+        """The snapshot as a dict (what :meth:`snapshot_json` encodes; the bus sends that)."""
         return {
             **self._snapshot_head(),
             "lr": {tag: s.values() for tag, s in self.lr.items()},
