@@ -146,6 +146,7 @@ class FinetuningScheduler(Callback):
         allowed_class_prefixes: list[str] | None = None,
     ):
         super().__init__()
+        compat.skip_unused_batch_hooks(self)  # Lightning need not call the per-step hooks it does not use
         self.ft_schedule = ft_schedule
         self.max_depth = max_depth
         self.base_max_lr = base_max_lr

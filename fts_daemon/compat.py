@@ -82,3 +82,46 @@ def rewrap_ddp(trainer: Any) -> bool:
     strategy.model = model.module
     strategy.configure_ddp()
     return True
+
+
+# Hooks Lightning calls on every callback at every training step (and validation batch), each through
+# ``_call_callback_hooks``.
+PER_BATCH_HOOKS = (
+    "on_train_batch_start", "on_before_zero_grad", "on_before_backward", "on_after_backward",
+    "on_before_optimizer_step", "on_train_batch_end", "on_validation_batch_start", "on_validation_batch_end",
+)
+_SKIPS_NON_CALLABLE: bool | None = None
+
+
+def _dispatcher_skips_non_callables() -> bool:
+    """Whether the installed Lightning's ``_call_callback_hooks`` passes over hook attributes that are not callable
+    (it tests ``callable(fn)`` before entering the profiler context); read from its source once."""
+    global _SKIPS_NON_CALLABLE
+    if _SKIPS_NON_CALLABLE is None:
+        import inspect
+
+        from pytorch_lightning.trainer import call
+
+        try:
+            _SKIPS_NON_CALLABLE = "if callable(fn):" in inspect.getsource(call._call_callback_hooks)
+        except (AttributeError, OSError, TypeError):
+            _SKIPS_NON_CALLABLE = False
+    return _SKIPS_NON_CALLABLE
+
+
+def skip_unused_batch_hooks(callback: Any) -> list[str]:
+    """Let Lightning pass over the per-batch hooks ``callback``'s class does not override; returns their names.
+
+    Lightning calls every hook of every callback, overridden or not, each inside a profiler context and an f-string
+    (about 1.7 us a hook in a small VM: ~10 us per step for each callback, ~1% of a 1 ms step). Its dispatcher
+    skips a hook attribute that is not callable, so shadowing the no-op hooks with ``None`` on the instance removes
+    that cost. Done only when the installed Lightning is seen to skip such attributes; otherwise nothing changes.
+    """
+    from pytorch_lightning.callbacks import Callback
+
+    if not _dispatcher_skips_non_callables():
+        return []
+    skipped = [name for name in PER_BATCH_HOOKS if getattr(type(callback), name, None) is getattr(Callback, name)]
+    for name in skipped:
+        setattr(callback, name, None)
+    return skipped

@@ -32,6 +32,8 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
+from fts_daemon.compat import skip_unused_batch_hooks
+
 LAST_CHECKPOINT = "last.ckpt"
 
 
@@ -80,8 +82,7 @@ class EpochCheckpoint(Callback):
     """Writes ``dirpath/last.ckpt`` atomically at epoch ends, every ``every_n_epochs`` and within ``max_overhead``
     of the run's time (``fts-daemon start --checkpoint-every N --checkpoint-overhead F``); see the module docstring.
 
-    ``steps_started`` counts the training steps this process began (the daemon reports a failure before the first
-    one as a set-up problem of the config, in one line). ``saved_epochs`` lists the epochs whose end was saved.
+    ``saved_epochs`` lists the epochs whose end was saved.
     """
 
     def __init__(self, dirpath: Path, on_error: Callable[[str], Any] | None = None, every_n_epochs: int = 1,
@@ -94,14 +95,10 @@ class EpochCheckpoint(Callback):
         self.clock = clock
         self.failed = False
         self.path = self.dirpath / LAST_CHECKPOINT
-        self.steps_started = 0
         self.saved_epochs: list[int] = []
         self._last_cost: float | None = None
         self._last_end: float | None = None
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        self.steps_started += 1
+        skip_unused_batch_hooks(self)  # it acts at epoch ends only: Lightning need not call it at every step
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # a stopping run (``stop``, a signal, max_time, early stopping of the last phase) may have cut this epoch

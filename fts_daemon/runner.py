@@ -516,7 +516,7 @@ class Daemon:
         return {"stopping": True, "state": self.bus.history.state.get("state") if self.bus else None}
 
     def _steps_started(self) -> int:
-        return self._epoch_checkpoint.steps_started if self._epoch_checkpoint is not None else 0
+        return self.tap.steps_started if self.tap is not None else 0
 
     def _on_write_error(self, message: str) -> None:
         """A file in the run dir could not be written (disk full, quota, file size limit, read-only): stop after

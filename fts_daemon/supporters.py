@@ -14,6 +14,8 @@ from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
+from fts_daemon import compat
+
 if TYPE_CHECKING:
     from fts_daemon.callback import FinetuningScheduler
 
@@ -36,6 +38,7 @@ class FTSEarlyStopping(EarlyStopping):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        compat.skip_unused_batch_hooks(self)
         self.es_phase_complete = False
         self.final_phase = True
         self.fts: FinetuningScheduler | None = None
@@ -76,6 +79,7 @@ class FTSCheckpoint(ModelCheckpoint):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        compat.skip_unused_batch_hooks(self)
         self.current_ckpt_depth = 0
         self.best_ckpt_depth = 0
         self.fts: FinetuningScheduler | None = None

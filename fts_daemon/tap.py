@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import Callback
 
 from fts_daemon import events as ev
 from fts_daemon.callback import FinetuningScheduler
+from fts_daemon.compat import skip_unused_batch_hooks
 from fts_daemon.crashsafe import save_atomically
 from fts_daemon.edits import EditQueue
 
@@ -82,8 +84,10 @@ def run_info(trainer: pl.Trainer, pl_module: pl.LightningModule, fts: Finetuning
 
 def _scalar(value: Any) -> float | None:
     try:
-        return float(value)
-    except (TypeError, ValueError):  # non-scalar tensors and other objects are not metrics we can plot
+        # a one-element tensor's item() is ~3x cheaper than float() on it during training (float() goes through
+        # torch's Python-level __float__ dispatch)
+        return float(value.item() if isinstance(value, torch.Tensor) else value)
+    except (TypeError, ValueError, RuntimeError):  # non-scalar tensors and other objects are not metrics we can plot
         return None
 
 
@@ -182,6 +186,11 @@ class DaemonTap(Callback):
         # callback_metrics; they are not metrics (every step's LRs are in the lr events)
         self._lr_names: set[str] = set()
         self._stage: dict[str, str] = {}  # metric name -> "train" or "val" (the stage that first logged it)
+        self._skip: dict[str, set[str]] = {}  # stage -> callback_metrics names that are not its metrics
+        # training steps this process began (the daemon reports a failure before the first one as a set-up problem
+        # of the config, in one line)
+        self.steps_started = 0
+        skip_unused_batch_hooks(self)  # Lightning need not call the per-step hooks this class does not use
 
     @property
     def state_key(self) -> str:
@@ -273,6 +282,7 @@ class DaemonTap(Callback):
         return base in self._lr_names
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self.steps_started += 1
         if not self.active or not trainer.optimizers:
             return
         # the LRs this optimizer step uses (LearningRateMonitor logs the same values at this point)
@@ -288,14 +298,17 @@ class DaemonTap(Callback):
         reported after every validation run even when their value repeats.
         """
         out = {}
+        # names that are never this stage's metrics (LR statistics, the phase, the other stage's metrics): both
+        # verdicts are final (a stage is assigned once; LR tags are known before LearningRateMonitor logs them)
+        skip = self._skip.setdefault(stage, set())
         for name, value in trainer.callback_metrics.items():
-            if self._not_a_metric(name):
+            if name in skip:
+                continue
+            if self._not_a_metric(name) or self._stage.setdefault(name, stage) != stage:
+                skip.add(name)
                 continue
             scalar = _scalar(value)
             if scalar is None:
-                continue
-            known = self._stage.setdefault(name, stage)
-            if known != stage:
                 continue
             previous = self._seen.get(name)
             if stage == "train" and previous is not None and (previous == scalar or previous != previous):
