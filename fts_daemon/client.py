@@ -59,8 +59,9 @@ class Control:
     ):
         self.endpoint = endpoint
         self.timeout = timeout
-        self._own_ctx = context is None
-        self.context = context or zmq.Context()
+        # one context per process, as the ZeroMQ guide advises: a context owns an I/O thread, so a client that
+        # connects often (a TUI re-attaching, a script polling status) would start and join one per connection
+        self.context = context or zmq.Context.instance()
         self.sock = self.context.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         if curve is not None:
@@ -89,8 +90,6 @@ class Control:
 
     def close(self) -> None:
         self.sock.close(0)
-        if self._own_ctx:
-            self.context.term()
 
     def __enter__(self) -> Control:
         return self
@@ -110,8 +109,9 @@ class Follower:
         topics: tuple[str, ...] = (ev.TOPIC_PREFIX,),
         curve: CurveClientKeys | None = None,
         rcvhwm: int = 100000,
+        context: zmq.Context | None = None,
     ):
-        self.context = zmq.Context()
+        self.context = context or zmq.Context.instance()  # shared: see Control
         self.sub = self.context.socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.RCVHWM, rcvhwm)
@@ -155,7 +155,6 @@ class Follower:
     def close(self) -> None:
         self.sub.close(0)
         self.control.close()
-        self.context.term()
 
     def __enter__(self) -> Follower:
         return self
