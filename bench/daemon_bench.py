@@ -10,7 +10,7 @@
    event after a pause (when it wakes the sleeping I/O thread), against the alternatives: ``queue.Queue.put_nowait``
    and an inproc PAIR socket (which needs the event encoded on the training thread).
 
-    python bench/daemon_bench.py              # everything (about 5 minutes on 2 cores)
+    python bench/daemon_bench.py              # everything (about 8 minutes on 2 cores)
     python bench/daemon_bench.py --quick      # fewer pairs and rates
     python bench/daemon_bench.py --json out.json
 """
@@ -41,12 +41,15 @@ REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "configs" / "demo_explicit_reinit_lr.yaml"
 LR_DATA = {"lrs": {f"Explicit_Reinit_LR_Scheduler/pg{i}": 1.0e-3 / (i + 1) for i in range(1, 9)}}
 SIZES = {
-    # name: LightningCLI overrides on top of the explicit demo (no step delay); each run trains ~2-3 s on 2 cores
-    # (512 and 128 steps per epoch) so that per-run costs (start-up, the first checkpoint) do not pass for per-step
+    # name: LightningCLI overrides on top of the explicit demo (no step delay): steps of ~1 ms (tiny, 512 per epoch),
+    # ~6 ms (large, 9.4M parameters, 128 per epoch) and ~45 ms (xl, 38M parameters, 30 per epoch) on 2 cores; each
+    # run trains 2-7 s so that per-run costs (start-up, the first checkpoint) do not pass for per-step
     "tiny": ["--model.init_args.hidden=32", "--model.init_args.num_layers=2", "--data.init_args.batch_size=32",
              "--data.init_args.num_train=16384"],
     "large": ["--model.init_args.hidden=384", "--model.init_args.num_layers=4", "--data.init_args.batch_size=64",
               "--data.init_args.num_train=8192"],
+    "xl": ["--model.init_args.hidden=1024", "--model.init_args.num_layers=6", "--data.init_args.batch_size=64",
+           "--data.init_args.num_train=1920"],
 }
 COMMON = ["--model.init_args.step_delay=0", "--trainer.enable_progress_bar=false",
           "--trainer.enable_model_summary=false"]
@@ -325,6 +328,8 @@ def training(pairs: int, sizes: list[str], epochs: int) -> dict[str, Any]:
             "daemon_steps_per_s": statistics.median(daemon),
             "ratio_median": statistics.median(ratios),
             "ratio_best": max(daemon) / max(plain),
+            # what the daemon adds to each step, in wall time (a fixed cost: its share shrinks as steps get longer)
+            "added_us_per_step": 1e6 / statistics.median(daemon) - 1e6 / statistics.median(plain),
             "ratios": ratios,
             "train_thread_cpu_us_per_step_plain": statistics.median(cpu_plain),
             "train_thread_cpu_us_per_step_daemon": statistics.median(cpu_daemon),
@@ -342,7 +347,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--pairs", type=int)
-    parser.add_argument("--sizes", default="tiny,large")
+    parser.add_argument("--sizes", default="tiny,large,xl")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--subscriber", help=argparse.SUPPRESS)
     parser.add_argument("--expect", type=int, default=0, help=argparse.SUPPRESS)
@@ -381,6 +386,7 @@ def main() -> int:
         extra = r["train_thread_cpu_us_per_step_daemon"] - r["train_thread_cpu_us_per_step_plain"]
         print(f"  {size:6} plain {r['plain_steps_per_s']:7.1f} steps/s  daemon {r['daemon_steps_per_s']:7.1f} steps/s  "
               f"ratio: median of pairs {r['ratio_median']:.3f}, best vs best {r['ratio_best']:.3f}; "
+              f"+{r['added_us_per_step']:.0f} us per step; "
               f"training thread +{extra:.0f} us/step CPU; I/O thread CPU {100 * r['io_thread_cpu_share']:.1f}% of "
               f"the run's time; subscriber lost {r['subscriber_lost']} events")
     if args.json:
