@@ -12,6 +12,7 @@
 
     python bench/daemon_bench.py              # everything (about 8 minutes on 2 cores)
     python bench/daemon_bench.py --quick      # fewer pairs and rates
+    python bench/daemon_bench.py --sizes large --threads 1   # torch on one core, the daemon's threads on the other
     python bench/daemon_bench.py --json out.json
 """
 
@@ -348,6 +349,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--pairs", type=int)
     parser.add_argument("--sizes", default="tiny,large,xl")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads for both sides (default: torch's choice, "
+                        "one per core); 1 leaves the other cores to the daemon's I/O and the subscriber")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--subscriber", help=argparse.SUPPRESS)
     parser.add_argument("--expect", type=int, default=0, help=argparse.SUPPRESS)
@@ -361,6 +364,10 @@ def main() -> int:
 
     for name in ("pytorch_lightning", "lightning_fabric", "fts_daemon"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     pairs = args.pairs or (3 if args.quick else 8)
     results: dict[str, Any] = {}
 
@@ -380,7 +387,10 @@ def main() -> int:
           f"({b['received_rate']:,.0f}/s), lost {b['lost']:,} ({b['dropped_in_queue']:,} at the bounded queue)")
     print(f"  max lossless rate: {results['bus']['max_lossless_rate']:,.0f} events/s")
 
-    print("1. training steps/s: daemon with a live subscriber vs plain Lightning (target ratio >= 0.98)", flush=True)
+    import torch
+
+    print("1. training steps/s: daemon with a live subscriber vs plain Lightning (target ratio >= 0.98); "
+          f"torch intra-op threads {torch.get_num_threads()} on {os.cpu_count()} cores", flush=True)
     results["training"] = training(pairs, args.sizes.split(","), epochs=3 if args.quick else 5)
     for size, r in results["training"].items():
         extra = r["train_thread_cpu_us_per_step_daemon"] - r["train_thread_cpu_us_per_step_plain"]
