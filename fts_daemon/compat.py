@@ -125,3 +125,12 @@ def skip_unused_batch_hooks(callback: Any) -> list[str]:
     for name in skipped:
         setattr(callback, name, None)
     return skipped
+
+
+def dump_checkpoint(trainer: Any) -> dict[str, Any]:
+    """The dict ``trainer.save_checkpoint`` would write, without writing it (every rank calls this, as it does).
+
+    Lightning offers no public way to take the checkpoint and write it elsewhere; the crash-safety checkpoint copies
+    it and writes the copy on a background thread so that training does not wait for the disk.
+    """
+    return trainer._checkpoint_connector.dump_checkpoint(weights_only=False)

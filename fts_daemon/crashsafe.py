@@ -10,6 +10,13 @@ stopped epoch may be cut short, and the stop writes its own checkpoint). Two kno
   epoch length to checkpoint size (short epochs of a big model would otherwise spend more time saving than
   training). 0 saves at every candidate. The first candidate is always saved.
 
+By default the checkpoint is written in the background: at the epoch end the training thread only takes a copy
+of the state (Lightning's checkpoint dict with every tensor copied to the CPU: a memory copy), and a writer thread
+serializes it, flushes it to disk and renames it into place while training goes on (single-process and DDP runs;
+other strategies, whose saves are collective, write in the foreground). One write is in flight at a time: an
+epoch end that finds the previous write unfinished is skipped, so training never waits for the disk there. A stop
+checkpoint waits for it first, so the newest checkpoint on disk is always the newest state.
+
 The file is replaced atomically: the checkpoint is written to a temporary file in the same directory, flushed to
 disk, then renamed over the old one, so a daemon killed at any instant (SIGKILL, power loss) leaves either the
 previous or the new ``last.ckpt``, never a torn one. ``fts-daemon start --resume`` takes the newest ``*.ckpt`` in the
@@ -24,15 +31,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 
-from fts_daemon.compat import skip_unused_batch_hooks
+from fts_daemon.compat import dump_checkpoint, skip_unused_batch_hooks
 
 LAST_CHECKPOINT = "last.ckpt"
 
@@ -65,6 +75,34 @@ def save_atomically(trainer: pl.Trainer, path: Path) -> None:
         raise
 
 
+def write_atomically(checkpoint: dict[str, Any], path: Path, checkpoint_io: Any) -> None:
+    """Write a checkpoint dict with ``checkpoint_io`` such that ``path`` is always complete (or absent)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        checkpoint_io.save_checkpoint(checkpoint, tmp)
+        _fsync(tmp)
+        os.replace(tmp, path)
+        _fsync(path.parent, directory=True)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _copy_to_cpu(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint with every tensor copied to the CPU: training may change the originals while it is written."""
+    from lightning_utilities.core.apply_func import apply_to_collection
+
+    return apply_to_collection(checkpoint, torch.Tensor, lambda t: t.detach().to("cpu", copy=True))
+
+
+def writes_in_background(trainer: pl.Trainer) -> bool:
+    """Strategies whose save is "rank 0 writes the dumped dict with its CheckpointIO" (sharded strategies such as
+    FSDP or DeepSpeed save collectively, in the foreground)."""
+    return type(trainer.strategy) in (SingleDeviceStrategy, DDPStrategy)
+
+
 def due(epoch: int, every_n_epochs: int, max_overhead: float, last_cost: float | None,
         since_last: float | None) -> bool:
     """Whether the end of ``epoch`` (0-based) gets a crash-safety checkpoint (see the module docstring).
@@ -82,22 +120,27 @@ class EpochCheckpoint(Callback):
     """Writes ``dirpath/last.ckpt`` atomically at epoch ends, every ``every_n_epochs`` and within ``max_overhead``
     of the run's time (``fts-daemon start --checkpoint-every N --checkpoint-overhead F``); see the module docstring.
 
-    ``saved_epochs`` lists the epochs whose end was saved.
+    ``background``: write on a thread while training goes on (where the strategy allows). ``saved_epochs`` lists the
+    epochs whose end reached the disk; :meth:`wait` returns once the write in flight, if any, is done.
     """
 
     def __init__(self, dirpath: Path, on_error: Callable[[str], Any] | None = None, every_n_epochs: int = 1,
-                 max_overhead: float = 0.01, clock: Callable[[], float] = time.perf_counter):
+                 max_overhead: float = 0.01, clock: Callable[[], float] = time.perf_counter, background: bool = True):
         super().__init__()
         self.dirpath = Path(dirpath)
         self.on_error = on_error
         self.every_n_epochs = max(0, int(every_n_epochs))  # 0: never
         self.max_overhead = max(0.0, float(max_overhead))  # 0: no limit
         self.clock = clock
+        self.background = background
         self.failed = False
         self.path = self.dirpath / LAST_CHECKPOINT
         self.saved_epochs: list[int] = []
+        self.skipped_busy = 0  # epoch ends skipped because the previous write was still going on
         self._last_cost: float | None = None
         self._last_end: float | None = None
+        self._writer: threading.Thread | None = None
+        self._pending_error: OSError | None = None  # a background failure with no on_error: raised on wait()
         skip_unused_batch_hooks(self)  # it acts at epoch ends only: Lightning need not call it at every step
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -105,24 +148,80 @@ class EpochCheckpoint(Callback):
         # short: a checkpoint of it would resume as if the epoch had been completed. The stop writes its own.
         if trainer.should_stop:
             return
+        self._raise_pending()
         now = self.clock()
         since = None if self._last_end is None else now - self._last_end
-        # (a failed write is seen by rank 0 only: it goes into the decision every rank takes)
+        busy = self._writer is not None and self._writer.is_alive()
+        # (a failed or unfinished write is seen by rank 0 only: it goes into the decision every rank takes)
         save = not self.failed and due(trainer.current_epoch, self.every_n_epochs, self.max_overhead,
                                        self._last_cost, since)
+        if save and busy:
+            self.skipped_busy += 1
+            save = False
         if trainer.world_size > 1:
             # saving is a collective: every rank must take rank 0's (timing-based) decision
             save = bool(trainer.strategy.broadcast(save, src=0))
         if not save:
             return
+        epoch = trainer.current_epoch
+        if self.background and writes_in_background(trainer):
+            checkpoint = dump_checkpoint(trainer)  # on every rank, as trainer.save_checkpoint does
+            if trainer.is_global_zero:
+                copy = _copy_to_cpu(checkpoint)
+                self._writer = threading.Thread(
+                    target=self._write, args=(copy, trainer.strategy.checkpoint_io, epoch, now),
+                    name="fts-checkpoint", daemon=False,  # a finishing process completes the write first
+                )
+                self._writer.start()
+            return
         try:
             save_atomically(trainer, self.path)
-            end = self.clock()
-            self._last_cost, self._last_end = end - now, end
-            self.saved_epochs.append(trainer.current_epoch)
         except OSError as err:
-            self.failed = True
-            message = f"cannot write checkpoint {self.path}: {err.strerror or err}"
-            if self.on_error is None:
-                raise OSError(err.errno, message) from None
+            self._failed(err)
+            return
+        self._saved(epoch, now)
+
+    def _write(self, checkpoint: dict[str, Any], checkpoint_io: Any, epoch: int, started: float) -> None:
+        try:
+            write_atomically(checkpoint, self.path, checkpoint_io)
+        except OSError as err:
+            self._failed(err, raise_now=False)
+            return
+        except Exception as err:  # not a disk problem, but training must hear of it too
+            self._failed(OSError(None, f"{type(err).__name__}: {err}"), raise_now=False)
+            return
+        self._saved(epoch, started)
+
+    def _saved(self, epoch: int, started: float) -> None:
+        # the whole save (copy and write) counts against max_overhead: the cadence is the foreground one's
+        end = self.clock()
+        self._last_cost, self._last_end = end - started, end
+        self.saved_epochs.append(epoch)
+
+    def _failed(self, err: OSError, raise_now: bool = True) -> None:
+        self.failed = True
+        message = f"cannot write checkpoint {self.path}: {err.strerror or err}"
+        if self.on_error is not None:
             self.on_error(message)
+        elif raise_now:
+            raise OSError(err.errno, message) from None
+        else:
+            self._pending_error = OSError(err.errno, message)
+
+    def _raise_pending(self) -> None:
+        error, self._pending_error = self._pending_error, None
+        if error is not None:
+            raise error
+
+    def wait(self) -> None:
+        """Return once the write in flight (if any) has finished (a stop checkpoint comes after it)."""
+        writer = self._writer
+        if writer is not None:
+            writer.join()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.wait()
+        self._raise_pending()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.wait()  # the run failed: still leave a complete last.ckpt behind

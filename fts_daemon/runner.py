@@ -584,6 +584,7 @@ class Daemon:
             self.stop_event,
             self.run_dir / CHECKPOINT_DIR,
             on_train_start=self._install_signals,
+            before_checkpoint=self._epoch_checkpoint.wait,
         )
         overrides = list(opts.overrides)
         if not opts.progress:

@@ -163,11 +163,14 @@ class DaemonTap(Callback):
         stop_event: threading.Event | None = None,
         checkpoint_dir: Path | None = None,
         on_train_start: Callable[[], None] | None = None,
+        before_checkpoint: Callable[[], None] | None = None,
     ):
         super().__init__()
         # called when training starts, after Lightning installed its own signal handlers (the daemon replaces them
         # so SIGTERM means "stop gracefully" rather than Lightning's immediate exit)
         self._on_train_start = on_train_start
+        # waits for a crash-safety checkpoint still being written, so the stop checkpoint is the newest on disk
+        self._before_checkpoint = before_checkpoint
         self.active = publish is not None  # False on ranks other than 0: nothing is published or applied there
         self.publish: Publish = publish if publish is not None else _nothing
         self.edits = edits if self.active else None
@@ -379,6 +382,8 @@ class DaemonTap(Callback):
         self.publish(ev.STATE, {"state": "stopping", "error": None}, step, epoch)
         if self.checkpoint_dir is not None:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            if self._before_checkpoint is not None:
+                self._before_checkpoint()
             path = self.checkpoint_dir / f"stop-epoch={epoch}-step={step}.ckpt"
             try:
                 save_atomically(trainer, path)  # complete or absent, even if the process dies meanwhile

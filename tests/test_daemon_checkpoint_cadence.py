@@ -1,9 +1,14 @@
 """The crash-safety ``last.ckpt``: every N epochs (``--checkpoint-every``), within a share of the run's time
-(``--checkpoint-overhead``)."""
+(``--checkpoint-overhead``), written in the background from a copy taken at the epoch end.
+
+The cadence tests write in the foreground (``background=False``), where each save is on disk when the epoch end
+returns and the test can see it there; the background writer has its own tests below."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytorch_lightning as pl
@@ -51,7 +56,7 @@ def _fit(tmp_path: Path, saver: EpochCheckpoint) -> list[int]:
 @pytest.mark.parametrize(("every", "expected"), [(1, [0, 1, 2, 3, 4]), (2, [1, 3]), (3, [2]), (0, [])])
 def test_last_checkpoint_every_n_epochs(tmp_path: Path, every: int, expected: list[int]) -> None:
     ckpt_dir = tmp_path / "checkpoints"
-    assert _fit(tmp_path, EpochCheckpoint(ckpt_dir, every_n_epochs=every, max_overhead=0)) == expected
+    assert _fit(tmp_path, EpochCheckpoint(ckpt_dir, every_n_epochs=every, max_overhead=0, background=False)) == expected
     if expected:
         saved = torch.load(ckpt_dir / LAST_CHECKPOINT, map_location="cpu", weights_only=False)
         assert saved["epoch"] == expected[-1]
@@ -62,10 +67,12 @@ def test_last_checkpoint_every_n_epochs(tmp_path: Path, every: int, expected: li
 def test_saves_are_skipped_while_they_would_cost_more_than_the_overhead(tmp_path: Path) -> None:
     # with the ticking clock a save costs 1 s and the next epoch end comes 1 s after it: at 50% only every other
     # epoch end may save; at 100% every one
-    assert _fit(tmp_path / "half", EpochCheckpoint(tmp_path / "half", max_overhead=0.5, clock=_Ticks())) == [0, 2, 4]
-    assert _fit(tmp_path / "full", EpochCheckpoint(tmp_path / "full", max_overhead=1.0, clock=_Ticks())) == [0, 1, 2, 3, 4]
+    half = EpochCheckpoint(tmp_path / "half", max_overhead=0.5, clock=_Ticks(), background=False)
+    assert _fit(tmp_path / "half", half) == [0, 2, 4]
+    full = EpochCheckpoint(tmp_path / "full", max_overhead=1.0, clock=_Ticks(), background=False)
+    assert _fit(tmp_path / "full", full) == [0, 1, 2, 3, 4]
     # and with the real clock at 1% a checkpoint of this model (milliseconds) follows epochs of milliseconds: not all
-    saved = _fit(tmp_path / "real", EpochCheckpoint(tmp_path / "real", max_overhead=0.01))
+    saved = _fit(tmp_path / "real", EpochCheckpoint(tmp_path / "real", max_overhead=0.01, background=False))
     assert saved[0] == 0 and len(saved) < 5
 
 
@@ -75,3 +82,71 @@ def test_due() -> None:
     assert not due(4, 0, 0.0, None, None)  # 0: never
     assert not due(3, 1, 0.01, 0.5, 49.0) and due(3, 1, 0.01, 0.5, 50.0)  # a 0.5 s save needs 50 s between
     assert due(3, 1, 0.0, 100.0, 0.001)  # 0: no limit
+
+
+class _StateAtEpochEnd(pl.Callback):
+    """Copies of the weights and optimizer state at each epoch end (after the saver took its copy)."""
+
+    def __init__(self) -> None:
+        self.states: dict[int, tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        weights = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        optimizer = copy.deepcopy(trainer.optimizers[0].state_dict())
+        self.states[trainer.current_epoch] = (weights, optimizer)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return bool(a == b)
+
+
+def test_background_write_is_the_state_at_its_epoch_end(tmp_path: Path) -> None:
+    """Training goes on while the copy is written: what reaches the disk is still the state at that epoch end."""
+    saver, states = EpochCheckpoint(tmp_path / "ck", max_overhead=0), _StateAtEpochEnd()
+    trainer = pl.Trainer(max_epochs=6, callbacks=[saver, states], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_train_batches=3,
+                         limit_val_batches=1, default_root_dir=tmp_path)
+    trainer.fit(TinyClassifier(step_delay=0.002), datamodule=TinyDataModule(num_train=96, num_val=32))
+    # every epoch end was either written or skipped because the previous write was still going on
+    assert saver.saved_epochs and len(saver.saved_epochs) + saver.skipped_busy == 6
+    assert saver.saved_epochs == sorted(saver.saved_epochs)
+    saved = torch.load(saver.path, map_location="cpu", weights_only=False)
+    epoch = saved["epoch"]
+    assert epoch == saver.saved_epochs[-1]  # on_train_end waited for the last write
+    weights, optimizer = states.states[epoch]
+    assert _same(saved["state_dict"], weights)
+    assert _same(saved["optimizer_states"][0]["state"], optimizer["state"])
+    assert saved["global_step"] == 3 * (epoch + 1)
+    # a later epoch changed the live weights: the file did not follow them
+    assert epoch == 5 or not _same(saved["state_dict"], states.states[5][0])
+    assert not list(saver.dirpath.glob(".*.tmp"))
+
+
+def test_background_write_failure_is_reported_once_and_stops_saving(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")  # the checkpoint directory cannot be created under a file
+    errors: list[str] = []
+    saver = EpochCheckpoint(blocker / "ck", on_error=errors.append, max_overhead=0)
+    trainer = pl.Trainer(max_epochs=3, callbacks=[saver], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_train_batches=2,
+                         limit_val_batches=1, default_root_dir=tmp_path)
+    trainer.fit(TinyClassifier(), datamodule=TinyDataModule(num_train=64, num_val=32))
+    assert saver.failed and saver.saved_epochs == []
+    assert len(errors) == 1 and errors[0].startswith(f"cannot write checkpoint {saver.path}: ")
+
+
+def test_background_write_failure_without_a_handler_fails_the_fit(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    saver = EpochCheckpoint(blocker / "ck", max_overhead=0)
+    trainer = pl.Trainer(max_epochs=3, callbacks=[saver], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_train_batches=2,
+                         limit_val_batches=1, default_root_dir=tmp_path)
+    with pytest.raises(OSError, match="cannot write checkpoint"):
+        trainer.fit(TinyClassifier(), datamodule=TinyDataModule(num_train=64, num_val=32))
