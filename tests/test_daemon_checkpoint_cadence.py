@@ -7,15 +7,20 @@ returns and the test can see it there; the background writer has its own tests b
 from __future__ import annotations
 
 import copy
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.plugins import TorchCheckpointIO
 
 from fts_daemon.crashsafe import LAST_CHECKPOINT, EpochCheckpoint, due
 from fts_daemon.examples.tiny import TinyClassifier, TinyDataModule
+from fts_daemon.runner import newest_checkpoint
+from fts_daemon.tap import DaemonTap
 
 
 class _Saves(pl.Callback):
@@ -150,3 +155,40 @@ def test_background_write_failure_without_a_handler_fails_the_fit(tmp_path: Path
                          limit_val_batches=1, default_root_dir=tmp_path)
     with pytest.raises(OSError, match="cannot write checkpoint"):
         trainer.fit(TinyClassifier(), datamodule=TinyDataModule(num_train=64, num_val=32))
+
+
+class _SlowIO(TorchCheckpointIO):
+    """A disk that takes 0.5 s per checkpoint written off the main thread: the background write is still going on
+    when the stop comes, while the stop's own (foreground) save is immediate."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            time.sleep(0.5)
+        super().save_checkpoint(checkpoint, path, storage_options)
+
+
+class _StopAfterFirstEpoch(pl.Callback):
+    def __init__(self, stop: threading.Event) -> None:
+        self.stop = stop
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.stop.set()
+
+
+def test_a_stop_checkpoint_waits_for_the_background_write(tmp_path: Path) -> None:
+    """The stop checkpoint is written after last.ckpt reached the disk, so --resume (newest file) takes it."""
+    stop, io = threading.Event(), _SlowIO()
+    saver = EpochCheckpoint(tmp_path / "checkpoints", max_overhead=0)
+    tap = DaemonTap(None, stop_event=stop, checkpoint_dir=tmp_path / "checkpoints", before_checkpoint=saver.wait)
+    trainer = pl.Trainer(max_epochs=3, callbacks=[tap, saver, _StopAfterFirstEpoch(stop)], plugins=[io],
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_train_batches=4, limit_val_batches=1,
+                         default_root_dir=tmp_path)
+    trainer.fit(TinyClassifier(), datamodule=TinyDataModule(num_train=128, num_val=32))
+    assert tap.stopped and tap.checkpoint_path is not None
+    assert saver.saved_epochs == [0]  # written in the background while epoch 1 began
+    assert trainer.global_step == 5  # stopped after the first step of epoch 1, not at the end of the write
+    stop_ckpt = tap.checkpoint_path
+    assert newest_checkpoint(tmp_path) == stop_ckpt
+    assert stop_ckpt.stat().st_mtime_ns > saver.path.stat().st_mtime_ns
+    assert torch.load(stop_ckpt, map_location="cpu", weights_only=False)["global_step"] == 5
