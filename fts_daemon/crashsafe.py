@@ -55,39 +55,36 @@ def _fsync(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
-def save_atomically(trainer: pl.Trainer, path: Path) -> None:
-    """``trainer.save_checkpoint(path)`` such that ``path`` is always a complete checkpoint (or absent).
-
-    Every rank must call this (saving is a collective); only global rank 0 writes and renames.
-    """
+def _replace_atomically(path: Path, write: Callable[[Path], Any], owner: bool = True) -> None:
+    """``write(tmp)``, then (on the ``owner``) flush ``tmp`` to disk and rename it over ``path``: ``path`` is always a
+    complete file or absent, whenever the process dies. A failed write leaves no temporary file behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")  # not *.ckpt: never taken for a checkpoint by --resume
     try:
-        trainer.save_checkpoint(tmp, weights_only=False)  # a full resumable checkpoint (and no info line per save)
-        if trainer.is_global_zero:
+        write(tmp)
+        if owner:
             _fsync(tmp)
             os.replace(tmp, path)
             _fsync(path.parent, directory=True)
     except BaseException:
-        if trainer.is_global_zero:
+        if owner:
             with contextlib.suppress(OSError):
                 tmp.unlink()
         raise
 
 
+def save_atomically(trainer: pl.Trainer, path: Path) -> None:
+    """``trainer.save_checkpoint(path)`` such that ``path`` is always a complete checkpoint (or absent).
+
+    Every rank must call this (saving is a collective); only global rank 0 writes and renames.
+    """
+    # a full resumable checkpoint (and no info line per save)
+    _replace_atomically(path, lambda tmp: trainer.save_checkpoint(tmp, weights_only=False), trainer.is_global_zero)
+
+
 def write_atomically(checkpoint: dict[str, Any], path: Path, checkpoint_io: Any) -> None:
     """Write a checkpoint dict with ``checkpoint_io`` such that ``path`` is always complete (or absent)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        checkpoint_io.save_checkpoint(checkpoint, tmp)
-        _fsync(tmp)
-        os.replace(tmp, path)
-        _fsync(path.parent, directory=True)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    _replace_atomically(path, lambda tmp: checkpoint_io.save_checkpoint(checkpoint, tmp))
 
 
 def _copy_to_cpu(checkpoint: dict[str, Any]) -> dict[str, Any]:
