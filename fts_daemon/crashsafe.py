@@ -13,9 +13,10 @@ stopped epoch may be cut short, and the stop writes its own checkpoint). Two kno
 By default the checkpoint is written in the background: at the epoch end the training thread only takes a copy
 of the state (Lightning's checkpoint dict with every tensor copied to the CPU: a memory copy), and a writer thread
 serializes it, flushes it to disk and renames it into place while training goes on (single-process and DDP runs;
-other strategies, whose saves are collective, write in the foreground). One write is in flight at a time: an
-epoch end that finds the previous write unfinished is skipped, so training never waits for the disk there. A stop
-checkpoint waits for it first, so the newest checkpoint on disk is always the newest state.
+other strategies, whose saves are collective, write in the foreground). One write is in flight at a time: a due
+save that finds the previous write unfinished waits for it (only when writes take longer than an epoch, which the
+overhead bound otherwise prevents after the first save), so every due epoch end reaches the disk, the last one of a
+finished run included. A stop checkpoint waits for it too, so the newest checkpoint on disk is the newest state.
 
 The file is replaced atomically: the checkpoint is written to a temporary file in the same directory, flushed to
 disk, then renamed over the old one, so a daemon killed at any instant (SIGKILL, power loss) leaves either the
@@ -133,11 +134,11 @@ class EpochCheckpoint(Callback):
         self.failed = False
         self.path = self.dirpath / LAST_CHECKPOINT
         self.saved_epochs: list[int] = []
-        self.skipped_busy = 0  # epoch ends skipped because the previous write was still going on
         self._last_cost: float | None = None
         self._last_end: float | None = None
         self._writer: threading.Thread | None = None
-        self._pending_error: OSError | None = None  # a background failure with no on_error: raised on wait()
+        # a background failure with no on_error: raised at the next epoch end or at the end of training
+        self._pending_error: OSError | None = None
         skip_unused_batch_hooks(self)  # it acts at epoch ends only: Lightning need not call it at every step
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -148,13 +149,9 @@ class EpochCheckpoint(Callback):
         self._raise_pending()
         now = self.clock()
         since = None if self._last_end is None else now - self._last_end
-        busy = self._writer is not None and self._writer.is_alive()
-        # (a failed or unfinished write is seen by rank 0 only: it goes into the decision every rank takes)
+        # (a failed write is seen by rank 0 only: it goes into the decision every rank takes)
         save = not self.failed and due(trainer.current_epoch, self.every_n_epochs, self.max_overhead,
                                        self._last_cost, since)
-        if save and busy:
-            self.skipped_busy += 1
-            save = False
         if trainer.world_size > 1:
             # saving is a collective: every rank must take rank 0's (timing-based) decision
             save = bool(trainer.strategy.broadcast(save, src=0))
@@ -164,6 +161,10 @@ class EpochCheckpoint(Callback):
         if self.background and writes_in_background(trainer):
             checkpoint = dump_checkpoint(trainer)  # on every rank, as trainer.save_checkpoint does
             if trainer.is_global_zero:
+                self.wait()  # one write at a time (a previous one still going on: writes outlast epochs)
+                self._raise_pending()
+                if self.failed:
+                    return
                 copy = _copy_to_cpu(checkpoint)
                 self._writer = threading.Thread(
                     target=self._write, args=(copy, trainer.strategy.checkpoint_io, epoch, now),

@@ -111,25 +111,38 @@ def _same(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-def test_background_write_is_the_state_at_its_epoch_end(tmp_path: Path) -> None:
-    """Training goes on while the copy is written: what reaches the disk is still the state at that epoch end."""
-    saver, states = EpochCheckpoint(tmp_path / "ck", max_overhead=0), _StateAtEpochEnd()
-    trainer = pl.Trainer(max_epochs=6, callbacks=[saver, states], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_train_batches=3,
-                         limit_val_batches=1, default_root_dir=tmp_path)
-    trainer.fit(TinyClassifier(step_delay=0.002), datamodule=TinyDataModule(num_train=96, num_val=32))
-    # every epoch end was either written or skipped because the previous write was still going on
-    assert saver.saved_epochs and len(saver.saved_epochs) + saver.skipped_busy == 6
-    assert saver.saved_epochs == sorted(saver.saved_epochs)
-    saved = torch.load(saver.path, map_location="cpu", weights_only=False)
-    epoch = saved["epoch"]
-    assert epoch == saver.saved_epochs[-1]  # on_train_end waited for the last write
-    weights, optimizer = states.states[epoch]
-    assert _same(saved["state_dict"], weights)
-    assert _same(saved["optimizer_states"][0]["state"], optimizer["state"])
-    assert saved["global_step"] == 3 * (epoch + 1)
-    # a later epoch changed the live weights: the file did not follow them
-    assert epoch == 5 or not _same(saved["state_dict"], states.states[5][0])
+class _RecordingIO(TorchCheckpointIO):
+    """Reads back every checkpoint it wrote; off the main thread it first waits 50 ms (a slow disk), so training
+    runs on while the background write is in progress."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[dict[str, Any]] = []
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            time.sleep(0.05)
+        super().save_checkpoint(checkpoint, path, storage_options)
+        self.written.append(torch.load(path, map_location="cpu", weights_only=False))
+
+
+def test_background_writes_are_the_state_at_their_epoch_ends(tmp_path: Path) -> None:
+    """Training goes on while each copy is written: what reaches the disk is still the state at that epoch end."""
+    io, saver, states = _RecordingIO(), EpochCheckpoint(tmp_path / "ck", max_overhead=0), _StateAtEpochEnd()
+    trainer = pl.Trainer(max_epochs=6, callbacks=[saver, states], plugins=[io], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_train_batches=3, limit_val_batches=1, default_root_dir=tmp_path)
+    trainer.fit(TinyClassifier(step_delay=0.01), datamodule=TinyDataModule(num_train=96, num_val=32))
+    assert saver.saved_epochs == [0, 1, 2, 3, 4, 5]  # every due epoch end, the last one of the run included
+    assert [c["epoch"] for c in io.written] == saver.saved_epochs
+    for saved in io.written:
+        weights, optimizer = states.states[saved["epoch"]]
+        assert _same(saved["state_dict"], weights), saved["epoch"]
+        assert _same(saved["optimizer_states"][0]["state"], optimizer["state"]), saved["epoch"]
+        assert saved["global_step"] == 3 * (saved["epoch"] + 1)
+    # the live weights moved on after each copy was taken (so equality above is not trivially true)
+    assert not _same(states.states[0][0], states.states[1][0])
+    assert torch.load(saver.path, map_location="cpu", weights_only=False)["epoch"] == 5  # train end waited for it
     assert not list(saver.dirpath.glob(".*.tmp"))
 
 
