@@ -1,9 +1,10 @@
 """The daemon's costs, measured against baselines taken in the same run.
 
 1. Training throughput: steady-state steps/s (after the first epoch) of ``fts-daemon`` (events published, a live
-   subscriber in another process reading every event) vs plain Lightning on the same config. Runs are interleaved (plain, daemon, daemon, plain, ...) so
-   machine noise hits both alike; the figure is the median of per-pair ratios (also shown: best run vs best run, and
-   the training thread's own CPU time per step, which other processes do not disturb). Target: >= 0.98.
+   subscriber in another process reading every event) vs plain Lightning on the same config. Runs are interleaved
+   (plain, daemon, daemon, plain, ...) so machine noise hits both alike; the figure is the median of per-pair
+   ratios (also shown: best run vs best run, the wall time added per step, the training thread's own CPU time per
+   step, and the I/O thread's CPU share). Target: >= 0.98.
 2. Bus throughput: the highest paced rate of ``lr`` events (8 groups each) that one subscriber process receives with
    no loss, plus the unpaced burst rate and how much of it arrived.
 3. Per-event cost on the training thread: ``EventBus.publish`` (what the tap calls) in a burst and as the first
@@ -330,7 +331,7 @@ def training(pairs: int, sizes: list[str], epochs: int, checkpoint_every: int = 
             "daemon_steps_per_s": statistics.median(daemon),
             "ratio_median": statistics.median(ratios),
             "ratio_best": max(daemon) / max(plain),
-            # what the daemon adds to each step, in wall time (a fixed cost: its share shrinks as steps get longer)
+            # what the daemon adds to each step, in wall time
             "added_us_per_step": 1e6 / statistics.median(daemon) - 1e6 / statistics.median(plain),
             "ratios": ratios,
             "train_thread_cpu_us_per_step_plain": statistics.median(cpu_plain),
@@ -369,9 +370,9 @@ def main() -> int:
 
     for name in ("pytorch_lightning", "lightning_fabric", "fts_daemon"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    if args.threads:
-        import torch
+    import torch
 
+    if args.threads:
         torch.set_num_threads(args.threads)
     pairs = args.pairs or (3 if args.quick else 8)
     results: dict[str, Any] = {}
@@ -391,8 +392,6 @@ def main() -> int:
     print(f"  unpaced burst: {b['events']:,} published in {b['publish_seconds']:.2f}s, received {b['received']:,} "
           f"({b['received_rate']:,.0f}/s), lost {b['lost']:,} ({b['dropped_in_queue']:,} at the bounded queue)")
     print(f"  max lossless rate: {results['bus']['max_lossless_rate']:,.0f} events/s")
-
-    import torch
 
     print("1. training steps/s: daemon with a live subscriber vs plain Lightning (target ratio >= 0.98); "
           f"torch intra-op threads {torch.get_num_threads()} on {os.cpu_count()} cores; crash-safety checkpoint "
