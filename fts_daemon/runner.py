@@ -464,7 +464,7 @@ class Daemon:
             curve_server_key=curve.public.decode("ascii") if curve else None,
         )
         registry.write_record(record)
-        bus.watch(self._watch)
+        bus.watch(self._watch, (ev.STATE, ev.TRANSITION))
         bus.publish(ev.STATE, {"state": "starting", "error": None, "resume": opts.resume})
 
     def _config_paths(self) -> list[str]:

@@ -25,7 +25,7 @@ from pytorch_lightning.callbacks import Callback
 
 from fts_daemon import events as ev
 from fts_daemon.callback import FinetuningScheduler
-from fts_daemon.compat import skip_unused_batch_hooks
+from fts_daemon.compat import last_callback_metrics, skip_unused_batch_hooks
 from fts_daemon.crashsafe import save_atomically
 from fts_daemon.edits import EditQueue
 
@@ -190,6 +190,8 @@ class DaemonTap(Callback):
         self._lr_names: set[str] = set()
         self._stage: dict[str, str] = {}  # metric name -> "train" or "val" (the stage that first logged it)
         self._skip: dict[str, set[str]] = {}  # stage -> callback_metrics names that are not its metrics
+        # (step, epoch) of a log_every_n_steps point whose train metrics are read at the next batch's start
+        self._metrics_due: tuple[int, int] | None = None
         # training steps this process began (the daemon reports a failure before the first one as a set-up problem
         # of the config, in one line)
         self.steps_started = 0
@@ -286,14 +288,18 @@ class DaemonTap(Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self.steps_started += 1
-        if not self.active or not trainer.optimizers:
+        if not self.active:
+            return
+        if self._metrics_due is not None:
+            self._publish_due_metrics(trainer)
+        if not trainer.optimizers:
             return
         # the LRs this optimizer step uses (LearningRateMonitor logs the same values at this point)
         tags = self._lr_tags(trainer)
         lrs = {tag: float(g["lr"]) for tag, g in zip(tags, trainer.optimizers[0].param_groups)}
         self.publish(ev.LR, {"lrs": lrs}, int(trainer.global_step), int(trainer.current_epoch))
 
-    def _changed_metrics(self, trainer: pl.Trainer, stage: str) -> dict[str, float]:
+    def _changed_metrics(self, callback_metrics: Mapping[str, Any], stage: str) -> dict[str, float]:
         """Metrics whose value changed since last published, classified by the stage that first logged them.
 
         Lightning rebuilds ``callback_metrics`` on access and keeps validation values in it during training, so
@@ -304,7 +310,7 @@ class DaemonTap(Callback):
         # names that are never this stage's metrics (LR statistics, the phase, the other stage's metrics): both
         # verdicts are final (a stage is assigned once; LR tags are known before LearningRateMonitor logs them)
         skip = self._skip.setdefault(stage, set())
-        for name, value in trainer.callback_metrics.items():
+        for name, value in callback_metrics.items():
             if name in skip:
                 continue
             if self._not_a_metric(name) or self._stage.setdefault(name, stage) != stage:
@@ -323,15 +329,21 @@ class DaemonTap(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        # reading callback_metrics makes Lightning recompute them (the costliest part of a step's events), so
-        # train metrics follow Lightning's own cadence: the points loggers (TensorBoard) get, log_every_n_steps
+        # train metrics follow Lightning's own cadence, the points loggers (TensorBoard) get: log_every_n_steps.
+        # Reading trainer.callback_metrics here would make Lightning compute them a second time (the costliest part
+        # of a step's events); Lightning computes them right after this hook, so they are read from its cache at
+        # the next batch's start (or validation's, or the epoch's end)
         stopping = self._stop_now(trainer, self.stop_event.is_set() and not self.stop_at_epoch_end.is_set(), True)
-        if stopping or trainer.global_step % max(1, int(trainer.log_every_n_steps)) == 0:
+        if stopping:
+            self._metrics_due = None
             self._publish_metrics(trainer, "train")
-        if stopping and not self.stopped:
-            self._stop(trainer)
+            if not self.stopped:
+                self._stop(trainer)
+        elif self.active and trainer.global_step % max(1, int(trainer.log_every_n_steps)) == 0:
+            self._metrics_due = (int(trainer.global_step), int(trainer.current_epoch))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._metrics_due = None  # this read covers it
         self._publish_metrics(trainer, "train")
         # stop_at_epoch_end: validation has run
         if self._stop_now(trainer, self.stop_event.is_set()) and not self.stopped:
@@ -355,14 +367,25 @@ class DaemonTap(Callback):
     def _publish_metrics(self, trainer: pl.Trainer, stage: str) -> None:
         if not self.active:
             return
-        metrics = self._changed_metrics(trainer, stage)
+        metrics = self._changed_metrics(trainer.callback_metrics, stage)
         if metrics:
             self.publish(ev.METRIC, {"metrics": metrics, "stage": stage}, int(trainer.global_step),
                          int(trainer.current_epoch))
 
+    def _publish_due_metrics(self, trainer: pl.Trainer) -> None:
+        """The train metrics of the step that ``_metrics_due`` names, from what Lightning computed after it."""
+        assert self._metrics_due is not None
+        step, epoch = self._metrics_due
+        self._metrics_due = None
+        metrics = self._changed_metrics(last_callback_metrics(trainer), "train")
+        if metrics:
+            self.publish(ev.METRIC, {"metrics": metrics, "stage": "train"}, step, epoch)
+
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.active:
             return
+        if self._metrics_due is not None:  # before validation's values join the cache
+            self._publish_due_metrics(trainer)
         # anything new in callback_metrics from here on was logged by validation
         for name in trainer.callback_metrics:
             self._stage.setdefault(name, "train")

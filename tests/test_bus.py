@@ -433,3 +433,53 @@ def test_point_encoding_is_the_json_modules(point: tuple) -> None:
     expected = ev.dumps(point)  # NaN/inf become null there too
     assert _point_json(point) == expected
     assert _point_json(point[:2]) == ev.dumps(point[:2])
+
+
+@given(
+    st.dictionaries(st.text(max_size=12), st.one_of(st.floats(allow_nan=True, allow_infinity=True),
+                                                    st.integers(-(2**70), 2**70), st.none()), max_size=8),
+    st.integers(0, 2**40),
+    st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.integers(0, 2**40)),
+    st.one_of(st.none(), st.integers(0, 2**40)),
+    st.one_of(st.none(), st.integers(0, 10_000)),
+    st.text(max_size=10),
+)
+def test_lr_encoder_writes_exactly_what_the_general_encoder_writes(
+    lrs: dict, seq: int, ts: float, step: int | None, epoch: int | None, run: str
+) -> None:
+    """The bus's short path for lr events must not change a byte of the wire or of events.jsonl."""
+    event = ev.Event(kind=ev.LR, seq=seq, ts=ts, run=run, daemon="d0", data={"lrs": lrs}, step=step, epoch=epoch)
+    assert ev.LrEncoder(run, "d0").body(seq, ts, lrs, step, epoch) == ev.encode_event(event)[1]
+
+
+@pytest.mark.parametrize("value", [True, "1e-3", [1.0], {"a": 1}])
+def test_lr_encoder_leaves_other_values_to_the_general_path(rt: Path, tmp_path: Path, value: object) -> None:
+    assert ev.LrEncoder("r", "d").body(1, 0.0, {"g/pg1": 1.0, "g/pg2": value}, 3, 0) is None
+    bus = make_bus(rt, tmp_path, heartbeat_s=60)
+    try:
+        bus.publish(ev.LR, {"lrs": {"g/pg1": 1.0, "g/pg2": value}}, 3, 0)
+        bus.publish(ev.LR, {"lrs": {"g/pg1": 0.5}}, 4, 0)
+        wait_for(lambda: drained(bus, 2), timeout=5)
+    finally:
+        bus.close()
+    first, second = read_events(tmp_path / "events.jsonl")
+    assert first.data == {"lrs": {"g/pg1": 1.0, "g/pg2": value}} and (first.seq, first.step) == (1, 3)
+    assert second.data == {"lrs": {"g/pg1": 0.5}} and (second.seq, second.step) == (2, 4)
+    assert bus.history.lr["g/pg1"].values() == [(3, 1.0), (4, 0.5)]
+
+
+def test_watchers_see_the_kinds_they_asked_for(rt: Path, tmp_path: Path) -> None:
+    """A watcher of every kind sees lr events too (the lr short path steps aside for it)."""
+    bus = make_bus(rt, tmp_path, heartbeat_s=60)
+    seen_all: list[str] = []
+    seen_state: list[str] = []
+    bus.watch(lambda e: seen_all.append(e.kind))
+    bus.watch(lambda e: seen_state.append(e.kind), (ev.STATE,))
+    try:
+        bus.publish(ev.LR, {"lrs": {"g": 1.0}}, 0, 0)
+        bus.publish(ev.STATE, {"state": "training", "error": None})
+        bus.publish(ev.LR, {"lrs": {"g": 0.5}}, 1, 0)
+        wait_for(lambda: drained(bus, 3), timeout=5)
+    finally:
+        bus.close()
+    assert seen_all == [ev.LR, ev.STATE, ev.LR] and seen_state == [ev.STATE]

@@ -75,3 +75,37 @@ def test_a_real_fit_calls_used_hooks_every_step_and_skips_the_rest(tmp_path: Pat
     assert not set(compat.PER_BATCH_HOOKS) & saver_hooks
     # a callback that opts out of nothing is dispatched for every per-step hook, as before
     assert dispatches.calls[(dispatches.state_key, "on_before_zero_grad")] == steps
+
+
+def _fit_counting_metric_computations(tmp_path: Path, monkeypatch: Any, callbacks: list[Any]) -> int:
+    """How often Lightning computes its logged metrics during a 2-epoch, 10-step fit with these callbacks."""
+    from pytorch_lightning.trainer.connectors.logger_connector.logger_connector import _LoggerConnector
+
+    computed = [0]
+    metrics = _LoggerConnector.metrics.fget
+
+    def counting(self: Any) -> Any:
+        computed[0] += 1
+        return metrics(self)
+
+    monkeypatch.setattr(_LoggerConnector, "metrics", property(counting))
+    trainer = pl.Trainer(max_epochs=2, limit_train_batches=5, limit_val_batches=1, logger=False, log_every_n_steps=1,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=callbacks, default_root_dir=tmp_path)
+    trainer.fit(TinyClassifier(), datamodule=TinyDataModule(num_train=160, num_val=32))
+    monkeypatch.undo()
+    return computed[0]
+
+
+def test_the_tap_reads_train_metrics_without_making_lightning_compute_them_again(tmp_path: Path, monkeypatch: Any) -> None:
+    """Lightning computes the logged metrics after every batch; a tap that read ``trainer.callback_metrics`` at each
+    log point would compute them all a second time (10 more here). Ours reads Lightning's result: a few reads per
+    epoch remain (its end, validation's start and end), and every step's train loss is still published."""
+    published: list[tuple[str, dict[str, Any], Any]] = []
+    tap = DaemonTap(lambda kind, data, step=None, epoch=None: published.append((kind, data, step)))
+    plain = _fit_counting_metric_computations(tmp_path / "plain", monkeypatch, [])
+    with_tap = _fit_counting_metric_computations(tmp_path / "tap", monkeypatch, [tap])
+    assert with_tap - plain <= 3 * 2 + 1, (plain, with_tap)  # per epoch, plus the sanity check's
+    train_steps = [step for kind, data, step in published if kind == "metric" and data["stage"] == "train"
+                   and "train_loss" in data["metrics"]]
+    assert train_steps == list(range(1, 11))

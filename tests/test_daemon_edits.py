@@ -244,6 +244,22 @@ def test_tensorboard_lr_logs_match_the_events(runs: dict) -> None:
             assert point.value == pytest.approx(lrs[point.step][tag], rel=1e-6)
 
 
+def test_train_metric_events_are_the_points_tensorboard_got(runs: dict) -> None:
+    """Train metrics are read after Lightning computed them for its loggers: the same points, the same values."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = runs["base"] / "b"
+    acc = EventAccumulator(str(next(run_dir.rglob("events.out.tfevents.*")).parent), size_guidance={"scalars": 0})
+    acc.Reload()
+    # TensorBoard's step is Lightning's count of batches that stepped before this one; events carry global_step
+    logged = {p.step + 1: p.value for p in acc.Scalars("train_loss")}
+    published = {e.step: e.data["metrics"]["train_loss"] for e in read_events(run_dir / "events.jsonl")
+                 if e.kind == ev.METRIC and e.data["stage"] == "train" and "train_loss" in e.data["metrics"]}
+    assert len(logged) >= 20 and set(published) == set(logged)
+    for step, value in logged.items():
+        assert published[step] == pytest.approx(value, rel=1e-6), step
+
+
 def test_publishing_does_not_change_training(runs: dict, tmp_path: Path) -> None:
     from fts_daemon.runner import build_from_config, resolve_schedule_path
 
