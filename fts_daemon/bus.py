@@ -38,6 +38,7 @@ from typing import Any, TextIO
 import zmq
 
 from fts_daemon import events as ev
+from fts_daemon import gilsend
 from fts_daemon.history import Downsampler, RunHistory
 
 __all__ = [
@@ -404,6 +405,7 @@ class EventBus:
         assert self._wake_r is not None
         poller.register(self._wake_r, zmq.POLLIN)
         self._pub = pub
+        self._send = gilsend.sender(pub)  # keeps the GIL: see gilsend
         self._load_history()
         gap = self.config.batch_ms / 1000
         next_batch = 0.0
@@ -472,10 +474,7 @@ class EventBus:
             return False
         self.seq += 1
         self.history.ingest_lr(step, epoch, lrs)
-        try:
-            self._pub.send_multipart((ev.LrEncoder.TOPIC, body), flags=zmq.NOBLOCK)
-        except zmq.Again:
-            pass
+        self._send(ev.LrEncoder.TOPIC, body)
         if self._jsonl is not None:
             try:
                 self._jsonl.write(body.decode("ascii") + "\n")
@@ -522,10 +521,7 @@ class EventBus:
             event.kind, event.data = ev.LOG, {"level": "error", "message": f"{kind} event too large to send"}
             frames = ev.encode_event(event)
         self.history.ingest(event)
-        try:
-            self._pub.send_multipart(frames, flags=zmq.NOBLOCK)
-        except zmq.Again:  # PUB never blocks in practice; if it would, the subscriber sees a gap
-            pass
+        self._send(frames[0], frames[1])
         if self._jsonl is not None:
             try:
                 self._jsonl.write(frames[1].decode("utf-8") + "\n")
