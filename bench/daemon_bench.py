@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import queue
 import statistics
@@ -53,6 +54,7 @@ SIZES = {
     "xl": ["--model.init_args.hidden=1024", "--model.init_args.num_layers=6", "--data.init_args.batch_size=64",
            "--data.init_args.num_train=1920"],
 }
+DAEMON_OPTIONS: dict[str, Any] = {}  # StartOptions given on the command line (--batch-ms)
 COMMON = ["--model.init_args.step_delay=0", "--trainer.enable_progress_bar=false",
           "--trainer.enable_model_summary=false"]
 
@@ -72,9 +74,12 @@ def subscriber(pub: str, expect: int | None, idle: float) -> None:
     count = gaps = lost = 0
     last = None
     first_t = last_t = None
+    cpu0: float | None = None
     while True:
         if not sub.poll(int(idle * 1000)):
             break
+        if cpu0 is None:
+            cpu0 = time.process_time()
         event = ev.decode_event(sub.recv_multipart())
         now = time.perf_counter()
         first_t = first_t or now
@@ -89,7 +94,10 @@ def subscriber(pub: str, expect: int | None, idle: float) -> None:
         if expect is not None and count >= expect:
             break
     elapsed = (last_t - first_t) if first_t and last_t else 0.0
-    print(json.dumps({"count": count, "gaps": gaps, "lost": lost, "elapsed": elapsed, "last_seq": last}), flush=True)
+    # the whole process's CPU (its ZeroMQ I/O thread included) from the first event on
+    cpu = time.process_time() - cpu0 if cpu0 is not None else 0.0
+    print(json.dumps({"count": count, "gaps": gaps, "lost": lost, "elapsed": elapsed, "last_seq": last,
+                      "cpu_s": cpu}), flush=True)
 
 
 def start_subscriber(pub: str, expect: int | None = None, idle: float = 30.0) -> subprocess.Popen:
@@ -290,7 +298,7 @@ def daemon_run(overrides: list[str], tmp: str, run: str, checkpoint_every: int =
     proc = start_subscriber(pub, idle=120.0)
     with open(os.devnull, "w") as devnull:
         daemon = Daemon(StartOptions(configs=[str(DEMO)], run=run, run_dir=Path(tmp) / run, progress=False,
-                                     checkpoint_every=checkpoint_every,
+                                     checkpoint_every=checkpoint_every, **DAEMON_OPTIONS,
                                      overrides=overrides, install_signals=False, out=devnull,
                                      callbacks=[timer.callback]))
         rc = daemon.run()
@@ -343,6 +351,119 @@ def training(pairs: int, sizes: list[str], epochs: int, checkpoint_every: int = 
     return out
 
 
+# --------------------------------------------------------------------------------------------- 1b. same-run windows
+
+
+class _Windows:
+    """Switches the daemon's event stream off and on every ``steps`` steps within one run and times each window.
+
+    An "on" window is the daemon as it runs (an ``lr`` event per step, train metrics, a live subscriber decoding
+    them); an "off" window has the tap publish nothing, so the I/O thread and the subscriber sleep. Each on window is
+    compared with the mean of the off windows on either side, in the same process a fraction of a second apart: what
+    the stream costs per step, without the run-to-run spread of separate processes. A window is timed from its
+    ``guard``-th step on, so that the I/O thread's batch (``batch_ms``) and the subscriber's backlog from the window
+    before have ended. Off windows compared with their own neighbours give the noise floor of the method.
+    """
+
+    def __init__(self, steps: int, guard: int) -> None:
+        from pytorch_lightning.callbacks import Callback
+
+        from fts_daemon.tap import DaemonTap
+
+        windows = self
+        self.steps, self.guard = steps, guard
+        # (on, seconds) per timed window; None where a window held an epoch end (validation, checkpoint)
+        self.spans: list[tuple[bool, float] | None] = []
+        self._open: tuple[bool, int, float] | None = None  # (on, step, time) of the window being timed
+
+        class WindowCallback(Callback):
+            def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+                step = int(trainer.global_step)
+                if trainer.current_epoch < 1:  # steady state, as in 1.
+                    return
+                phase = step % windows.steps
+                if phase == 0:
+                    now = time.perf_counter()
+                    if windows._open is not None:
+                        on, began, t0 = windows._open
+                        whole = step - began == windows.steps - windows.guard
+                        windows.spans.append((on, now - t0) if whole else None)
+                        windows._open = None
+                    for cb in trainer.callbacks:
+                        if isinstance(cb, DaemonTap):
+                            cb.active = (step // windows.steps) % 2 == 0
+                elif phase == windows.guard:
+                    windows._open = ((step // windows.steps) % 2 == 0, step, time.perf_counter())
+
+            def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+                if windows._open is not None:
+                    windows.spans.append(None)
+                    windows._open = None
+
+        self.callback = WindowCallback()
+
+    def ratios(self) -> tuple[list[float], list[float]]:
+        """(on / neighbouring off, off / the off windows beside its neighbours) rate ratios."""
+        spans = self.spans
+        on_ratios, off_ratios = [], []
+        for i in range(2, len(spans) - 2):
+            here, left, right = spans[i], spans[i - 1], spans[i + 1]
+            if here is None or left is None or right is None:
+                continue
+            if here[0]:
+                on_ratios.append((left[1] + right[1]) / 2 / here[1])
+            else:
+                far_left, far_right = spans[i - 2], spans[i + 2]
+                if far_left is not None and far_right is not None:
+                    off_ratios.append((far_left[1] + far_right[1]) / 2 / here[1])
+        return on_ratios, off_ratios
+
+
+# longer epochs for the window runs (~3-6 s), so that most windows fall inside one (windows across an epoch end are
+# left out): 2048, 512 and 120 steps
+WINDOW_DATA = {"tiny": ["--data.init_args.num_train=65536"], "large": ["--data.init_args.num_train=32768"],
+               "xl": ["--data.init_args.num_train=7680"]}
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def windows(
+    sizes: list[str], runs: int, epochs: int, window_steps: dict[str, tuple[int, int]], subscribe: bool = True
+) -> dict[str, Any]:
+    from fts_daemon import registry
+    from fts_daemon.runner import Daemon, StartOptions
+
+    out: dict[str, Any] = {}
+    for size in sizes:
+        overrides = [*COMMON, *SIZES[size], *WINDOW_DATA[size], f"--trainer.max_epochs={epochs}"]
+        on_all, off_all = [], []
+        with tempfile.TemporaryDirectory(prefix="ftsw") as tmp:
+            os.environ["FTS_RUNTIME_DIR"] = tmp
+            for i in range(runs):
+                run = f"win-{size}-{i}"
+                win = _Windows(*window_steps[size])
+                proc = start_subscriber(registry.ipc_endpoints(run)[0], idle=120.0) if subscribe else None
+                with open(os.devnull, "w") as devnull:
+                    daemon = Daemon(StartOptions(configs=[str(DEMO)], run=run, run_dir=Path(tmp) / run,
+                                                 progress=False, overrides=overrides, install_signals=False,
+                                                 out=devnull, callbacks=[win.callback], **DAEMON_OPTIONS))
+                    assert daemon.run() == 0, daemon.error
+                sub = subscriber_result(proc) if proc is not None else {"count": 0, "lost": 0}
+                on, off = win.ratios()
+                on_all += on
+                off_all += off
+                sub_cpu = sub.get("cpu_s", 0.0) / max(1, sub["count"]) * 1e6
+                print(f"  {size} run {i + 1}/{runs}: stream on / off {_median(on):.3f} (median of {len(on)} windows of "
+                      f"{win.steps} steps, the last {win.steps - win.guard} timed), off / off {_median(off):.3f}; subscriber "
+                      f"got {sub['count']} events ({sub['lost']} lost), its CPU {sub_cpu:.0f} us per event", flush=True)
+        out[size] = {"ratio_median": _median(on_all), "windows": len(on_all),
+                     "noise": _median([abs(x - 1) for x in off_all]), "ratios": on_all,
+                     "window_steps": window_steps[size][0]}
+    return out
+
+
 # --------------------------------------------------------------------------------------------- main
 
 
@@ -357,6 +478,15 @@ def main() -> int:
                         help="the daemon's crash-safety checkpoint cadence (fts-daemon start --checkpoint-every; "
                         "default 1 as there); 0 measures the daemon without it: short runs hold 0-2 of its saves, "
                         "a long run spends at most --checkpoint-overhead (1%%) of its time on them")
+    parser.add_argument("--windows", type=int, default=3, metavar="RUNS",
+                        help="daemon runs for the same-run window measurement (1b.; 0 skips it)")
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip: events, bus, pairs")
+    parser.add_argument("--window-scale", type=int, default=1,
+                        help="1b. windows this many times longer (and their untimed start too)")
+    parser.add_argument("--no-subscriber", action="store_true",
+                        help="1b. without the subscriber process (what the daemon's own threads cost)")
+    parser.add_argument("--batch-ms", type=float, help="the daemon's shortest time between two batches of events "
+                        "(StartOptions.batch_ms, default 25)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--subscriber", help=argparse.SUPPRESS)
     parser.add_argument("--expect", type=int, default=0, help=argparse.SUPPRESS)
@@ -374,37 +504,55 @@ def main() -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.batch_ms is not None:
+        DAEMON_OPTIONS["batch_ms"] = args.batch_ms
     pairs = args.pairs or (3 if args.quick else 8)
     results: dict[str, Any] = {}
 
-    print("3. per-event cost on the training thread (us/event, 8-group lr event)", flush=True)
-    results["per_event_us"] = per_event_cost(50_000 if args.quick else 200_000)
-    for k, v in results["per_event_us"].items():
-        print(f"  {k:32} {v:7.2f}")
+    skip = set(filter(None, args.skip.split(",")))
+    if "events" not in skip:
+        print("3. per-event cost on the training thread (us/event, 8-group lr event)", flush=True)
+        results["per_event_us"] = per_event_cost(50_000 if args.quick else 200_000)
+        for k, v in results["per_event_us"].items():
+            print(f"  {k:32} {v:7.2f}")
 
-    print("2. bus throughput to one subscriber process", flush=True)
-    rates = [2_000, 10_000, 20_000] if args.quick else [2_000, 10_000, 20_000, 40_000, 60_000, 80_000]
-    results["bus"] = bus_throughput(rates, 1.0 if args.quick else 2.0)
-    for r in results["bus"]["paced"]:
-        print(f"  offered {r['offered_rate']:>8,.0f}/s: received {r['received']:>8,} at {r['received_rate']:>9,.0f}/s, "
-              f"lost {r['lost']}")
-    b = results["bus"]["burst"]
-    print(f"  unpaced burst: {b['events']:,} published in {b['publish_seconds']:.2f}s, received {b['received']:,} "
-          f"({b['received_rate']:,.0f}/s), lost {b['lost']:,} ({b['dropped_in_queue']:,} at the bounded queue)")
-    print(f"  max lossless rate: {results['bus']['max_lossless_rate']:,.0f} events/s")
+    if "bus" not in skip:
+        print("2. bus throughput to one subscriber process", flush=True)
+        rates = [2_000, 10_000, 20_000] if args.quick else [2_000, 10_000, 20_000, 40_000, 60_000, 80_000]
+        results["bus"] = bus_throughput(rates, 1.0 if args.quick else 2.0)
+        for r in results["bus"]["paced"]:
+            print(f"  offered {r['offered_rate']:>8,.0f}/s: received {r['received']:>8,} at {r['received_rate']:>9,.0f}/s, "
+                  f"lost {r['lost']}")
+        b = results["bus"]["burst"]
+        print(f"  unpaced burst: {b['events']:,} published in {b['publish_seconds']:.2f}s, received {b['received']:,} "
+              f"({b['received_rate']:,.0f}/s), lost {b['lost']:,} ({b['dropped_in_queue']:,} at the bounded queue)")
+        print(f"  max lossless rate: {results['bus']['max_lossless_rate']:,.0f} events/s")
 
-    print("1. training steps/s: daemon with a live subscriber vs plain Lightning (target ratio >= 0.98); "
-          f"torch intra-op threads {torch.get_num_threads()} on {os.cpu_count()} cores; crash-safety checkpoint "
-          f"every {args.checkpoint_every} epoch(s) (0: none)", flush=True)
-    results["training"] = training(pairs, args.sizes.split(","), epochs=3 if args.quick else 5,
-                                   checkpoint_every=args.checkpoint_every)
-    for size, r in results["training"].items():
-        extra = r["train_thread_cpu_us_per_step_daemon"] - r["train_thread_cpu_us_per_step_plain"]
-        print(f"  {size:6} plain {r['plain_steps_per_s']:7.1f} steps/s  daemon {r['daemon_steps_per_s']:7.1f} steps/s  "
-              f"ratio: median of pairs {r['ratio_median']:.3f}, best vs best {r['ratio_best']:.3f}; "
-              f"+{r['added_us_per_step']:.0f} us per step; "
-              f"training thread +{extra:.0f} us/step CPU; I/O thread CPU {100 * r['io_thread_cpu_share']:.1f}% of "
-              f"the run's time; subscriber lost {r['subscriber_lost']} events")
+    if "pairs" not in skip:
+        print("1. training steps/s: daemon with a live subscriber vs plain Lightning (target ratio >= 0.98); "
+              f"torch intra-op threads {torch.get_num_threads()} on {os.cpu_count()} cores; crash-safety checkpoint "
+              f"every {args.checkpoint_every} epoch(s) (0: none)", flush=True)
+        results["training"] = training(pairs, args.sizes.split(","), epochs=3 if args.quick else 5,
+                                       checkpoint_every=args.checkpoint_every)
+        for size, r in results["training"].items():
+            extra = r["train_thread_cpu_us_per_step_daemon"] - r["train_thread_cpu_us_per_step_plain"]
+            print(f"  {size:6} plain {r['plain_steps_per_s']:7.1f} steps/s  daemon {r['daemon_steps_per_s']:7.1f} steps/s  "
+                  f"ratio: median of pairs {r['ratio_median']:.3f}, best vs best {r['ratio_best']:.3f}; "
+                  f"+{r['added_us_per_step']:.0f} us per step; "
+                  f"training thread +{extra:.0f} us/step CPU; I/O thread CPU {100 * r['io_thread_cpu_share']:.1f}% of "
+                  f"the run's time; subscriber lost {r['subscriber_lost']} events")
+    if args.windows:
+        print("1b. the event stream's per-step cost within one daemon run: windows with the stream on vs off (the "
+              "subscriber live throughout)", flush=True)
+        # (steps per window, untimed steps at its start): windows of ~0.2-0.6 s on this VM, the first third untimed
+        results["windows"] = windows(args.sizes.split(","), args.windows, epochs=3 if args.quick else 6,
+                                     window_steps={k: (w * args.window_scale, g * args.window_scale) for k, (w, g) in
+                                                   {"tiny": (96, 32), "large": (48, 16), "xl": (12, 4)}.items()},
+                                     subscribe=not args.no_subscriber)
+        for size, r in results["windows"].items():
+            print(f"  {size:6} steps/s with the stream / without, same run: {r['ratio_median']:.3f} (median of "
+                  f"{r['windows']} windows of {r['window_steps']} steps; off windows deviate from theirs by "
+                  f"{100 * r['noise']:.1f}%)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
