@@ -35,6 +35,7 @@ import torch
 
 from fts_daemon.client import Control
 from fts_daemon.edits import Journal, merge_phase, replay_journal
+from fts_daemon.runner import newest_checkpoint
 
 from .daemon_support import SCHEDULE, write_config
 from .reliability_support import (
@@ -120,8 +121,11 @@ class Chain:
         journal = replay_journal(Journal(self.run_dir / "edits.jsonl").read())
         trial["journal_ok"] = all(journal.get(e) is not None and journal[e].status in ("queued", "applied")
                                   for e in self.acked)
-        ckpt = self.run_dir / "checkpoints" / "last.ckpt"
-        trial["ckpt_step"] = int(load_ckpt(ckpt)["global_step"]) if ckpt.exists() else None
+        # what `--resume` takes: the newest complete checkpoint in the run dir. Usually last.ckpt; a kill between
+        # an epoch end's ModelCheckpoint save and the background rename of that epoch's last.ckpt leaves the former
+        # newer (the same state), so the test asks the daemon's own rule rather than assume the file
+        ckpt = newest_checkpoint(self.run_dir)
+        trial["ckpt_step"] = int(load_ckpt(ckpt)["global_step"]) if ckpt is not None else None
         self.trials.append(trial)
 
     def _start_resumed(self) -> DaemonProcess:
