@@ -1,17 +1,26 @@
 """The daemon's costs, measured against baselines taken in the same run.
 
-1. Training throughput: steady-state steps/s (after the first epoch) of ``fts-daemon`` (events published, a live
+1. Training throughput: steady-state steps/s (from the third epoch on) of ``fts-daemon`` (events published, a live
    subscriber in another process reading every event) vs plain Lightning on the same config. Runs are interleaved
    (plain, daemon, daemon, plain, ...) so machine noise hits both alike; the figure is the median of per-pair
    ratios (also shown: best run vs best run, the wall time added per step, the training thread's own CPU time per
    step, and the I/O thread's CPU share). Target: >= 0.98.
+1b. The event stream's per-step cost within one daemon run (``--windows RUNS``, default 3; 0 skips it): the tap's
+   publishing is switched off and on every few dozen steps, each "on" window (an ``lr`` event per step, metrics, the
+   subscriber decoding them) against the "off" windows beside it, each window timed after an untimed start that lets
+   the previous window's events drain. Neighbouring windows of one process share its memory placement and the
+   machine's load of that second, which separate runs do not; the off windows' deviation from their own neighbours
+   is printed as the method's noise. What it leaves out: per-epoch costs (windows across an epoch end are dropped)
+   such as the crash-safety checkpoint, which ``--checkpoint-overhead`` bounds to 1% of the run.
 2. Bus throughput: the highest paced rate of ``lr`` events (8 groups each) that one subscriber process receives with
    no loss, plus the unpaced burst rate and how much of it arrived.
 3. Per-event cost on the training thread: ``EventBus.publish`` (what the tap calls) in a burst and as the first
    event after a pause (when it wakes the sleeping I/O thread), against the alternatives: ``queue.Queue.put_nowait``
    and an inproc PAIR socket (which needs the event encoded on the training thread).
 
-    python bench/daemon_bench.py              # everything (about 8 minutes on 2 cores)
+    python bench/daemon_bench.py              # everything (about 15 minutes on 2 cores)
+    python bench/daemon_bench.py --skip events,bus,pairs   # 1b. only (about 5 minutes)
+    python bench/daemon_bench.py --skip events,bus,pairs --no-subscriber   # 1b. without the subscriber process
     python bench/daemon_bench.py --quick      # fewer pairs and rates
     python bench/daemon_bench.py --sizes large --threads 1   # torch on one core, the daemon's threads on the other
     python bench/daemon_bench.py --json out.json
@@ -54,6 +63,7 @@ SIZES = {
     "xl": ["--model.init_args.hidden=1024", "--model.init_args.num_layers=6", "--data.init_args.batch_size=64",
            "--data.init_args.num_train=1920"],
 }
+STEADY_FROM = 2  # the first epoch of the measured span in 1. (see _Timer)
 DAEMON_OPTIONS: dict[str, Any] = {}  # StartOptions given on the command line (--batch-ms)
 COMMON = ["--model.init_args.step_delay=0", "--trainer.enable_progress_bar=false",
           "--trainer.enable_model_summary=false"]
@@ -240,10 +250,12 @@ def bus_throughput(rates: list[float], seconds: float) -> dict[str, Any]:
 
 
 class _Timer:
-    """Steady-state steps/s: from the start of the second epoch to the end of training (includes validation and
-    later checkpoints, identical on both sides; leaves out start-up and the first epoch, where one-off costs such as
-    the daemon's first crash-safety checkpoint fall), plus the training thread's own CPU time per step over the same
-    span (insensitive to other processes on the machine)."""
+    """Steady-state steps/s: from the start of epoch ``STEADY_FROM`` to the end of training (includes validation and
+    the config's ModelCheckpoint saves, identical on both sides), plus the training thread's own CPU time per step
+    over the same span. Left out: start-up and the first two epochs, where one-off costs fall: every daemon run
+    saves its first crash-safety checkpoint at the end of epoch 0 and writes it in the background during epoch 1
+    (later saves are spaced to take at most ``--checkpoint-overhead``, 1%, of the run's time: a run of a few seconds
+    would hold one save and nothing to amortize it over)."""
 
     def __init__(self) -> None:
         from pytorch_lightning.callbacks import Callback
@@ -255,7 +267,7 @@ class _Timer:
                 timer.train_t0 = time.perf_counter()
 
             def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-                if trainer.current_epoch == 1:
+                if trainer.current_epoch == STEADY_FROM:
                     timer.t0, timer.c0 = time.perf_counter(), time.thread_time()
                     timer.step0 = int(trainer.global_step)
 
@@ -379,7 +391,7 @@ class _Windows:
         class WindowCallback(Callback):
             def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
                 step = int(trainer.global_step)
-                if trainer.current_epoch < 1:  # steady state, as in 1.
+                if trainer.current_epoch < STEADY_FROM:  # steady state, as in 1.
                     return
                 phase = step % windows.steps
                 if phase == 0:
@@ -532,7 +544,7 @@ def main() -> int:
         print("1. training steps/s: daemon with a live subscriber vs plain Lightning (target ratio >= 0.98); "
               f"torch intra-op threads {torch.get_num_threads()} on {os.cpu_count()} cores; crash-safety checkpoint "
               f"every {args.checkpoint_every} epoch(s) (0: none)", flush=True)
-        results["training"] = training(pairs, args.sizes.split(","), epochs=3 if args.quick else 5,
+        results["training"] = training(pairs, args.sizes.split(","), epochs=STEADY_FROM + (2 if args.quick else 4),
                                        checkpoint_every=args.checkpoint_every)
         for size, r in results["training"].items():
             extra = r["train_thread_cpu_us_per_step_daemon"] - r["train_thread_cpu_us_per_step_plain"]
