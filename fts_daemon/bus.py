@@ -475,14 +475,23 @@ class EventBus:
         self.seq += 1
         self.history.ingest_lr(step, epoch, lrs)
         self._send(ev.LrEncoder.TOPIC, body)
-        if self._jsonl is not None:
-            try:
-                self._jsonl.write(body.decode("ascii") + "\n")
-                self._unflushed = True
-            except OSError as err:
-                self._jsonl_failed(err)
+        self._record(body)
         self.published += 1
         return True
+
+    def _record(self, body: bytes, durable: bool = False) -> None:
+        """Append an event's line to events.jsonl (written through at once if ``durable``, else flushed with the
+        next FLUSH_S tick)."""
+        if self._jsonl is None:
+            return
+        try:
+            self._jsonl.write(body.decode("utf-8") + "\n")
+            self._unflushed = True
+            if durable:
+                self._jsonl.flush()
+                self._unflushed = False
+        except OSError as err:
+            self._jsonl_failed(err)
 
     def _account_drops(self) -> None:
         dropped = self.dropped
@@ -522,15 +531,7 @@ class EventBus:
             frames = ev.encode_event(event)
         self.history.ingest(event)
         self._send(frames[0], frames[1])
-        if self._jsonl is not None:
-            try:
-                self._jsonl.write(frames[1].decode("utf-8") + "\n")
-                self._unflushed = True
-                if event.kind in DURABLE_KINDS:
-                    self._jsonl.flush()
-                    self._unflushed = False
-            except OSError as err:
-                self._jsonl_failed(err)
+        self._record(frames[1], event.kind in DURABLE_KINDS)
         self.published += 1
         self._last_send = time.monotonic()
         for watcher, kinds in list(self._watchers):
