@@ -301,23 +301,29 @@ def plain_run(overrides: list[str], tmp: str) -> _Timer:
     return timer
 
 
-def daemon_run(overrides: list[str], tmp: str, run: str, checkpoint_every: int = 1) -> tuple[_Timer, dict[str, Any]]:
+def run_daemon(overrides: list[str], tmp: str, run: str, callback: Any, subscribe: bool = True,
+               **options: Any) -> tuple[Any, dict[str, Any]]:
+    """Train the demo config in an in-process daemon (with ``callback`` added, and a subscriber process reading
+    every event unless ``subscribe`` is False); returns the finished daemon and the subscriber's summary."""
     from fts_daemon import registry
     from fts_daemon.runner import Daemon, StartOptions
 
-    timer = _Timer()
-    pub, _ = registry.ipc_endpoints(run)
-    proc = start_subscriber(pub, idle=120.0)
+    proc = start_subscriber(registry.ipc_endpoints(run)[0], idle=120.0) if subscribe else None
     with open(os.devnull, "w") as devnull:
         daemon = Daemon(StartOptions(configs=[str(DEMO)], run=run, run_dir=Path(tmp) / run, progress=False,
-                                     checkpoint_every=checkpoint_every, **DAEMON_OPTIONS,
-                                     overrides=overrides, install_signals=False, out=devnull,
-                                     callbacks=[timer.callback]))
+                                     overrides=overrides, install_signals=False, out=devnull, callbacks=[callback],
+                                     **DAEMON_OPTIONS, **options))
         rc = daemon.run()
     assert rc == 0, daemon.error
     assert daemon.bus is not None
+    return daemon, subscriber_result(proc) if proc is not None else {"count": 0, "lost": 0}
+
+
+def daemon_run(overrides: list[str], tmp: str, run: str, checkpoint_every: int = 1) -> tuple[_Timer, dict[str, Any]]:
+    timer = _Timer()
+    daemon, sub = run_daemon(overrides, tmp, run, timer.callback, checkpoint_every=checkpoint_every)
     timer.io_cpu = daemon.bus.io_cpu_s
-    return timer, subscriber_result(proc)
+    return timer, sub
 
 
 def training(pairs: int, sizes: list[str], epochs: int, checkpoint_every: int = 1) -> dict[str, Any]:
@@ -444,9 +450,6 @@ def _median(values: list[float]) -> float:
 def windows(
     sizes: list[str], runs: int, epochs: int, window_steps: dict[str, tuple[int, int]], subscribe: bool = True
 ) -> dict[str, Any]:
-    from fts_daemon import registry
-    from fts_daemon.runner import Daemon, StartOptions
-
     out: dict[str, Any] = {}
     for size in sizes:
         overrides = [*COMMON, *SIZES[size], *WINDOW_DATA[size], f"--trainer.max_epochs={epochs}"]
@@ -456,13 +459,7 @@ def windows(
             for i in range(runs):
                 run = f"win-{size}-{i}"
                 win = _Windows(*window_steps[size])
-                proc = start_subscriber(registry.ipc_endpoints(run)[0], idle=120.0) if subscribe else None
-                with open(os.devnull, "w") as devnull:
-                    daemon = Daemon(StartOptions(configs=[str(DEMO)], run=run, run_dir=Path(tmp) / run,
-                                                 progress=False, overrides=overrides, install_signals=False,
-                                                 out=devnull, callbacks=[win.callback], **DAEMON_OPTIONS))
-                    assert daemon.run() == 0, daemon.error
-                sub = subscriber_result(proc) if proc is not None else {"count": 0, "lost": 0}
+                _, sub = run_daemon(overrides, tmp, run, win.callback, subscribe=subscribe)
                 on, off = win.ratios()
                 on_all += on
                 off_all += off
