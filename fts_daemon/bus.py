@@ -153,11 +153,13 @@ class BusConfig:
     sndhwm: int = 20000  # per-subscriber messages ZeroMQ buffers before dropping for that subscriber
     heartbeat_s: float = 1.0
     # the shortest time between two batches of events: an event published while the I/O thread sleeps wakes it at
-    # once, but after a batch it waits this long before the next, so a busy run wakes it (and every subscriber) at
-    # most 1000/batch_ms times a second however many events there are. Each batch costs the I/O thread a wake-up
-    # (~50 us of CPU in a small VM, for poll alone): 25 ms keeps that under 1% of a core while adding at most 25 ms
-    # to what a display running at 10-12 Hz shows
-    batch_ms: float = 25.0
+    # once, but after a batch it waits this long before the next, so a run whose events come faster than that wakes
+    # it (and every subscriber) at most 1000/batch_ms times a second however many events there are. Each batch costs
+    # wake-ups of three threads (this one, ZeroMQ's, a subscriber's) and GIL hand-offs with the training thread. At
+    # ~2 ms steps with a live subscriber, 100 ms instead of 25 took the stream's cost from ~4% of the step time to
+    # ~2% (bench/daemon_bench.py 1b); a 12 Hz display shows an event at most one frame later for it. Runs slower
+    # than one event per batch_ms are not delayed at all
+    batch_ms: float = 100.0
     # the longest the I/O thread sleeps with nothing to do (it also wakes for requests, events, heartbeats, close)
     poll_ms: int = 100
     history_points: int = 1000  # per LR tag / metric name in snapshots

@@ -67,6 +67,17 @@ def _share(text: str) -> float:
     return value
 
 
+def _batch_ms(text: str) -> float:
+    """Milliseconds between event batches, 0 to 1000 for argparse (more would starve a display; nan is refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1000.0:
+        raise argparse.ArgumentTypeError(f"must be milliseconds from 0 to 1000, got {text!r}")
+    return value
+
+
 def _lr_list(text: str, flag: str, field: str) -> list[float]:
     """``1e-4,1e-4,1e-5`` as floats; a value that is not a number is refused, naming it."""
     out = []
@@ -147,6 +158,7 @@ def _start_options(args: argparse.Namespace, passthrough: list[str]) -> Any:
         history_points=args.history,
         checkpoint_every=args.checkpoint_every,
         checkpoint_overhead=args.checkpoint_overhead,
+        batch_ms=args.batch_ms,
     )
 
 
@@ -170,7 +182,8 @@ def _detach(options: Any, passthrough: list[str]) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "fts_daemon.cli", "start", "--run", options.run, "--run-dir", str(run_dir),
             "--no-progress", "--transport", options.transport, "--history", str(options.history_points),
-            "--checkpoint-every", str(options.checkpoint_every), "--checkpoint-overhead", str(options.checkpoint_overhead)]
+            "--checkpoint-every", str(options.checkpoint_every), "--checkpoint-overhead", str(options.checkpoint_overhead),
+            "--batch-ms", str(options.batch_ms)]
     for cfg in options.configs:
         argv += ["--config", str(Path(cfg).resolve())]
     if options.resume:
@@ -484,6 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-overhead", type=_share, default=0.01, metavar="F",
                    help="crash safety: skip an epoch's save while the last one took more than F of the time since "
                         "(default 0.01: at most ~1%% of the run; 0: save every N epochs regardless)")
+    p.add_argument("--batch-ms", type=_batch_ms, default=100.0, metavar="MS",
+                   help="events coming faster than one per MS go out in batches MS apart (default 100: fewer "
+                        "wake-ups for the training thread to share its cores with; lower it for less display lag)")
 
     p = sub.add_parser("status", help="state of a run (default: the live one)")
     p.add_argument("run", nargs="?")

@@ -240,7 +240,7 @@ class StartOptions:
     checkpoint_every: int = 1  # crash safety: replace checkpoints/last.ckpt every N epochs (0: never)
     checkpoint_overhead: float = 0.01  # ... skipping epochs while the last save cost more than this share of the time
     heartbeat_s: float = 1.0
-    batch_ms: float = 25.0  # shortest time between two batches of events (see BusConfig.batch_ms)
+    batch_ms: float = 100.0  # shortest time between two batches of events (see BusConfig.batch_ms)
     poll_ms: int = 100  # longest idle sleep of the bus's I/O thread (see BusConfig.poll_ms)
     install_signals: bool = True
     out: TextIO | None = None  # where the banner and end lines go (None: stdout)

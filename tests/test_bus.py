@@ -348,6 +348,40 @@ def test_an_event_after_a_quiet_spell_is_sent_at_once(rt: Path, tmp_path: Path) 
     assert statistics.median(lags) < 0.1 and statistics.median(replies) < 0.1, (lags, replies)
 
 
+def test_a_fast_stream_goes_out_in_batches_batch_ms_apart(rt: Path, tmp_path: Path) -> None:
+    """Events published every 5 ms reach a subscriber in bursts about ``batch_ms`` (default 100) apart, none later
+    than one batch, none lost: the I/O thread and the subscriber wake ~10 times a second, not 200."""
+    import time
+
+    bus = make_bus(rt, tmp_path, heartbeat_s=60)
+    assert bus.config.batch_ms == 100.0
+    try:
+        sub = zmq.Context.instance().socket(zmq.SUB)
+        sub.setsockopt(zmq.SUBSCRIBE, ev.TOPIC_PREFIX.encode())
+        sub.connect(bus.endpoints[0])
+        wait_for(lambda: bus.publish(ev.LOG, {"level": "info", "message": "hi"}) and sub.poll(50))
+        while sub.poll(200):
+            sub.recv_multipart()
+        arrivals: list[tuple[float, float]] = []  # (received, published)
+        start = time.monotonic()
+        for step in range(200):
+            time.sleep(max(0.0, start + step * 0.005 - time.monotonic()))
+            bus.publish(ev.LR, {"lrs": {"lr": 0.1}}, step, 0)
+            while sub.poll(0):
+                arrivals.append((time.time(), ev.decode_event(sub.recv_multipart()).ts))
+        while len(arrivals) < 200 and sub.poll(1000):
+            arrivals.append((time.time(), ev.decode_event(sub.recv_multipart()).ts))
+        sub.close(0)
+    finally:
+        bus.close()
+    assert len(arrivals) == 200
+    bursts = 1 + sum(b[0] - a[0] > 0.04 for a, b in zip(arrivals, arrivals[1:]))
+    lags = sorted(got - sent for got, sent in arrivals)
+    # ~1 s of events: ~10 bursts (a loaded machine may stretch a batch, never split one into many)
+    assert 4 <= bursts <= 14, bursts
+    assert lags[len(lags) // 2] < 0.1 and lags[-1] < 0.5, lags[-5:]
+
+
 @given(
     st.integers(min_value=8, max_value=40),
     st.lists(

@@ -126,3 +126,18 @@ def test_start_checkpoint_every_flag() -> None:
     for bad in ("-0.1", "nan", "2", "lots"):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["start", "--config", "c.yaml", "--checkpoint-overhead", bad])
+
+
+def test_start_batch_ms_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    from fts_daemon.bus import BusConfig
+    from fts_daemon.cli import _start_options, build_parser
+    from fts_daemon.runner import StartOptions
+
+    defaults = _start_options(build_parser().parse_args(["start", "--config", "c.yaml"]), [])
+    assert defaults.batch_ms == StartOptions.batch_ms == BusConfig.batch_ms == 100.0  # one default, wherever read
+    args = build_parser().parse_args(["start", "--config", "c.yaml", "--batch-ms", "20"])
+    assert _start_options(args, []).batch_ms == 20.0
+    for bad in ("-1", "nan", "5000", "soon"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["start", "--config", "c.yaml", "--batch-ms", bad])
+        assert f"--batch-ms: must be milliseconds from 0 to 1000, got '{bad}'" in capsys.readouterr().err
