@@ -13,8 +13,9 @@ thread answering snapshots, the GIL it takes from the training thread), which ot
   process drifts by up to ~30% over tens of seconds on a shared VM, which short neighbouring windows cancel (75
   comparisons; with 2 s windows, 8 of them left the median ±3% wide). Epochs are 1000 steps long here, and a window
   holding an epoch's end (validation, a checkpoint) is left out with its comparisons. The quiet windows' own
-  deviation from their neighbours, and a run's windows compared with no client in any of them (``FTS_CHURN_AA=1``),
-  show the noise.
+  deviation from their neighbours, and a run's windows compared with no client in any of them
+  (``FTS_CHURN_CLIENT=none``), show the noise. ``FTS_CHURN_CLIENT`` takes a cycle apart: ``subscribe`` (SUB only, 20
+  events), ``snapshot`` (the control request only), ``snapshot-undecoded`` (the same, the reply left undecoded).
 * *Stalled subscriber*: a subscriber process (``tests/reliability_subscriber.py``, ZeroMQ's default receive
   high-water mark) is stopped with SIGSTOP for 60 s while training goes on, then continued. Its queues overflow (a
   test callback adds 5 ``log`` events per step so that they do on a slow machine too), it sees the ``seq`` gap,
@@ -39,6 +40,7 @@ from typing import Any
 
 import pytest
 import yaml
+import zmq
 
 from fts_daemon import events as ev
 from fts_daemon.client import Control, Follower
@@ -57,7 +59,8 @@ CHURN_RUNS = 3
 # each window lasts WINDOW_S; a churn window starts a cycle every WINDOW_S * CHURN_WINDOWS / CYCLES seconds (later if
 # cycles take longer): 12.5 attaches a second by default; FTS_CHURN_WINDOW_S spreads them (e.g. 1.6: 2.5 a second)
 WINDOW_S = float(os.environ.get("FTS_CHURN_WINDOW_S", "0.32"))
-CHURN_AA = os.environ.get("FTS_CHURN_AA") == "1"  # no client in the churn windows either: the method's own noise
+# what a churn cycle does (see the module docstring): "follow" is the test; "none" measures the method's own noise
+CHURN_CLIENT = os.environ.get("FTS_CHURN_CLIENT", "follow")
 STALL_S = 60.0
 SIDE_S = 10.0
 
@@ -116,18 +119,48 @@ def one_epoch(events: list[ev.Event], a: Mark, b: Mark) -> bool:
     return bool(inside) and len(set(inside + after)) == 1
 
 
+def churn_cycle(rec: Any) -> None:
+    """One attach/detach cycle of the CHURN_CLIENT kind."""
+    if CHURN_CLIENT == "follow":
+        with Follower(rec.pub, rec.ctl) as follower:
+            got = 0
+            for kind, _ in follower.follow(timeout=5):
+                got += kind == "event"
+                if got >= 10:
+                    break
+    elif CHURN_CLIENT == "subscribe":
+        sub = zmq.Context.instance().socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, ev.TOPIC_PREFIX.encode())
+        sub.connect(rec.pub)
+        for _ in range(20):
+            if not sub.poll(5000):
+                raise TimeoutError("no event within 5 s")
+            sub.recv_multipart()
+        sub.close(0)
+    elif CHURN_CLIENT == "snapshot":
+        with Control(rec.ctl) as ctl:
+            ctl.request("snapshot")
+    elif CHURN_CLIENT == "snapshot-undecoded":
+        dealer = zmq.Context.instance().socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(rec.ctl)
+        dealer.send(ev.request("snapshot", 1))
+        if not dealer.poll(5000):
+            raise TimeoutError("no snapshot reply within 5 s")
+        dealer.recv()
+        dealer.close(0)
+    elif CHURN_CLIENT != "none":
+        raise ValueError(f"FTS_CHURN_CLIENT={CHURN_CLIENT!r}: follow, subscribe, snapshot, snapshot-undecoded or none")
+
+
 def churn(rec: Any, errors: list[str], cycles: int) -> int:
-    """``cycles`` attach/detach cycles spread over WINDOW_S: subscribe, snapshot, 10 events, close."""
+    """``cycles`` attach/detach cycles spread over WINDOW_S (by default: subscribe, snapshot, 10 events, close)."""
     started = time.monotonic()
     for cycle in range(cycles):
         time.sleep(max(0.0, started + cycle * WINDOW_S / cycles - time.monotonic()))
         try:
-            with Follower(rec.pub, rec.ctl) as follower:
-                got = 0
-                for kind, _ in follower.follow(timeout=5):
-                    got += kind == "event"
-                    if got >= 10:
-                        break
+            churn_cycle(rec)
         except Exception as err:  # noqa: BLE001 - counted and reported
             errors.append(repr(err))
     time.sleep(max(0.0, started + WINDOW_S - time.monotonic()))
@@ -148,11 +181,7 @@ def churn_run(setup: dict[str, Any]) -> dict[str, Any]:
             for _ in range(CHURN_WINDOWS):
                 time.sleep(WINDOW_S)
                 marks.append(Mark(proc.pid))
-                if CHURN_AA:
-                    time.sleep(WINDOW_S)
-                    cycles += CYCLES // CHURN_WINDOWS
-                else:
-                    cycles += churn(rec, errors, CYCLES // CHURN_WINDOWS)
+                cycles += churn(rec, errors, CYCLES // CHURN_WINDOWS)
                 marks.append(Mark(proc.pid))
             time.sleep(WINDOW_S)
             marks.append(Mark(proc.pid))
@@ -209,7 +238,7 @@ def test_subscriber_churn_does_not_slow_training(churn_runs: list[dict[str, Any]
     high = ordered[min(len(ratios) - 1, int(len(ratios) / 2 + half))]
     figure("subscriber-churn",
            f"{CYCLES} attach/detach cycles x {len(churn_runs)} runs ({rate:g}/s in {CHURN_WINDOWS} windows of "
-           f"{WINDOW_S:g}s per run, between windows without a client{'; A/A: no client at all' if CHURN_AA else ''}), "
+           f"{WINDOW_S:g}s per run, between windows without a client{'' if CHURN_CLIENT == 'follow' else f'; cycles: {CHURN_CLIENT}'}), "
            f"no training error; steps/s with churn / without = {ratio:.3f} (goal >= 0.98; median of {len(ratios)} "
            f"of {sum(r['windows'] for r in churn_runs)} windows, the rest held an epoch end; 95% interval of the "
            f"median {low:.3f}-{high:.3f}; windows without a client deviate from theirs by {noise:.1%}); steps per "
