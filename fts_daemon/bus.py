@@ -157,7 +157,7 @@ class BusConfig:
     # it (and every subscriber) at most 1000/batch_ms times a second however many events there are. Each batch costs
     # wake-ups of three threads (this one, ZeroMQ's, a subscriber's) and GIL hand-offs with the training thread. At
     # ~2 ms steps with a live subscriber, 100 ms instead of 25 took the stream's cost from ~4% of the step time to
-    # ~2% (bench/daemon_bench.py 1b); a 12 Hz display shows an event at most one frame later for it. Runs slower
+    # ~2% (bench/daemon_bench.py 1b), for up to ~100 ms more between an event and a display. Runs slower
     # than one event per batch_ms are not delayed at all
     batch_ms: float = 100.0
     # the longest the I/O thread sleeps with nothing to do (it also wakes for requests, events, heartbeats, close)
