@@ -4,9 +4,10 @@ pyzmq releases the GIL around every ``zmq_msg_send``, twice per two-frame event.
 event per training step, and each release hands the GIL to the waiting training thread and makes the I/O thread
 queue up for it again: several cross-core wake-ups per event, which cost the training thread far more than the
 microsecond the send takes (with no subscriber process, a tiny model's 2 ms steps on 2 vCPUs ran ~4% slower with
-the stream on through pyzmq, ~1% through this path: ``bench/daemon_bench.py``, section 1b). A non-blocking send on a PUB socket never waits (ZeroMQ drops at the
-high-water mark instead), so holding the GIL through it costs nothing: this module calls ``zmq_send`` of the very
-libzmq pyzmq uses through ``ctypes.PyDLL``, whose calls keep the GIL.
+the stream on through pyzmq, ~1% through this path: ``bench/daemon_bench.py``, section 1b). A non-blocking send on
+a PUB socket never waits (ZeroMQ drops at the high-water mark instead), so holding the GIL through it costs
+nothing: this module calls ``zmq_send`` of the very libzmq pyzmq uses through ``ctypes.PyDLL``, whose calls keep
+the GIL.
 
 When that libzmq cannot be found or its version differs from pyzmq's, or ``FTS_GIL_SEND=0`` is set, :func:`sender`
 falls back to pyzmq's own ``send_multipart``.

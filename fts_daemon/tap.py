@@ -289,6 +289,7 @@ class DaemonTap(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self.steps_started += 1
         if not self.active:
+            self._metrics_due = None  # switched off after a log step: never publish it later under that step
             return
         if self._metrics_due is not None:
             self._publish_due_metrics(trainer)
