@@ -180,7 +180,7 @@ class EventBus:
         self.config = config
         self._queue: queue.SimpleQueue[tuple[str, dict[str, Any], int | None, int | None, float]] = queue.SimpleQueue()
         self._handlers: dict[str, Handler] = {}
-        self._params: dict[str, frozenset[str]] = {"hello": frozenset(), "snapshot": frozenset()}
+        self._params: dict[str, frozenset[str]] = {"hello": frozenset(), "snapshot": frozenset({"series"})}
         self._watchers: list[tuple[Watcher, frozenset[str] | None]] = []
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -590,7 +590,10 @@ class EventBus:
         if op == "hello":
             return self.hello()
         if op == "snapshot":
-            return ev.RawJSON(self.history.snapshot_json(self.hello(), {"stats": self.stats()}))
+            series = args.get("series", "lists")
+            if series not in ev.SERIES_FORMATS:
+                raise OpError(f"snapshot: series must be one of {', '.join(ev.SERIES_FORMATS)}; got {series!r:.40}")
+            return ev.RawJSON(self.history.snapshot_json(self.hello(), {"stats": self.stats()}, series))
         handler = self._handlers.get(op)
         if handler is None:
             raise OpError(f"op {op!r} is not available in this daemon")
@@ -612,6 +615,7 @@ class EventBus:
             "pub": pub,
             "ctl": ctl,
             "ops": [op for op in ev.OPS if op in ("hello", "snapshot") or op in self._handlers],
+            "snapshot_series": list(ev.SERIES_FORMATS),
         }
 
     def stats(self) -> dict[str, int]:

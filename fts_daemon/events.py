@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+import sys
+from array import array
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +41,15 @@ EDIT_STATUSES = ("queued", "cancelled", "applied", "rejected")
 
 # Control ops the daemon answers (arguments in docs/protocol.md; e.g. ``stop`` takes ``when``: "step" | "epoch").
 OPS = ("hello", "snapshot", "queue_edit", "cancel_edit", "list_edits", "plan", "stop")
+
+# How a snapshot's LR and metric histories are written (``snapshot`` takes ``series``): "lists" (the default) as
+# JSON arrays of points, "packed" as columns of little-endian float64 written in hex (see pack_column), which a client
+# decodes in a small fraction of the time JSON numbers take (~0.2 ms instead of ~2.6 ms for 13,000 numbers). Hex,
+# not base64: Python decodes it ~5x faster, and a prefix of whole values encodes the same whatever follows it.
+SERIES_FORMATS = ("lists", "packed")
+# a snapshot's packed columns: per LR tag and per metric name
+LR_COLUMNS = ("steps", "values")
+METRIC_COLUMNS = ("steps", "epochs", "values")
 
 # Hard limits on the wire: anything larger is dropped unread (the daemon never parses oversized frames).
 MAX_REQUEST_BYTES = 256 * 1024
@@ -261,6 +272,77 @@ def parse_request(raw: bytes) -> tuple[Any, str, dict[str, Any]]:
         raise ProtocolError(f"unknown op {op[:40]!r} (known: {', '.join(OPS)})")
     args = {k: v for k, v in obj.items() if k not in ("id", "op")}
     return req_id, op, args
+
+
+# ------------------------------------------------------------------------------------------------ packed series
+
+
+def as_float64(x: Any) -> float:
+    """A point's coordinate as a packed column holds it: NaN where the list form has null (None, NaN, inf)."""
+    try:
+        value = float(x)
+    except (TypeError, ValueError):
+        return math.nan
+    return value if value - value == 0.0 else math.nan  # finite (inf - inf and NaN - NaN are NaN)
+
+
+def pack_column(column: array) -> str:
+    """An ``array('d')`` as the wire's packed column: its little-endian float64 bytes in lowercase hex (16
+    characters per value), so ``array('d', bytes.fromhex(text))`` reads it back on a little-endian machine."""
+    if sys.byteorder != "little":
+        column = array("d", column)
+        column.byteswap()
+    return column.tobytes().hex()
+
+
+def pack_floats(values: Iterable[Any]) -> str:
+    return pack_column(array("d", map(as_float64, values)))
+
+
+def unpack_floats(text: Any, what: str) -> array:
+    """A packed column back as ``array('d')`` (one already unpacked is returned as it is); ProtocolError naming
+    ``what`` if it is not one."""
+    if isinstance(text, array) and text.typecode == "d":
+        return text
+    if not isinstance(text, str):
+        raise ProtocolError(f"{what} must be a hex string, got {type(text).__name__}")
+    if len(text) % 16:
+        raise ProtocolError(f"{what} holds {len(text)} hex digits, not a whole number of float64 values (16 each)")
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        raw = b""
+    if 2 * len(raw) != len(text):  # fromhex also skips spaces: a packed column has none
+        raise ProtocolError(f"{what} is not a hex string")
+    column = array("d")
+    column.frombytes(raw)
+    if sys.byteorder != "little":
+        column.byteswap()
+    return column
+
+
+def unpack_snapshot_series(snap: Any) -> Any:
+    """A ``series: "packed"`` snapshot with its columns as ``array('d')`` (a copy: ``snap`` is left as it is).
+
+    ProtocolError, naming the series and column, where a column is not a packed one or a series' columns differ
+    in length. A list-form snapshot (or anything else) is returned as it is."""
+    if not isinstance(snap, Mapping) or snap.get("series") != "packed":
+        return snap
+    out = dict(snap)
+    for key, names in (("lr", LR_COLUMNS), ("metrics", METRIC_COLUMNS)):
+        table = snap.get(key) or {}
+        if not isinstance(table, Mapping):
+            raise ProtocolError(f"snapshot {key} must be an object")
+        unpacked = {}
+        for name, item in table.items():
+            if not isinstance(item, Mapping):
+                raise ProtocolError(f"snapshot {key}[{name!r}] must be an object")
+            columns = {col: unpack_floats(item.get(col), f"snapshot {key}[{name!r}].{col}") for col in names}
+            if len({len(c) for c in columns.values()}) > 1:
+                raise ProtocolError(f"snapshot {key}[{name!r}]: its columns differ in length")
+            unpacked[name] = {**item, **columns}
+        out[key] = unpacked
+    return out
 
 
 def parse_reply(raw: bytes) -> tuple[Any, bool, Any]:

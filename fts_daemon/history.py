@@ -146,6 +146,8 @@ class Downsampler:
         # JSON of points[:len(_json)]: stored points only change by appending until a compaction or a rewind, so
         # a snapshot encodes only what came since the previous one (late subscribers attach often; see values_json)
         self._json: list[bytes] = []
+        self._columns: list[bytes] = []  # the same for values_packed: stored points' packed columns
+        self._columns_n = 0
 
     def add(self, point: Any) -> None:
         self.count += 1
@@ -169,15 +171,19 @@ class Downsampler:
             out.extend(_extremes(pts[start : start + 4]))
         out.extend(pts[n:])  # a partial group (only right after a rewind) stays as it is
         self.points = out
-        self._json = []
+        self._forget_encoded()
         self.stride = 4 if self.stride == 1 else self.stride * 2
 
     def rewind(self, step: Any) -> None:
         """Forget the points at ``step`` or later (a resumed run repeats them from an earlier checkpoint)."""
         self.points = [p for p in self.points if p[0] is None or p[0] < step]
-        self._json = []
+        self._forget_encoded()
         self.pending = [p for p in self.pending if p[0] is None or p[0] < step]
         self.last = self.pending[-1] if self.pending else self.points[-1] if self.points else None
+
+    def _forget_encoded(self) -> None:
+        self._json = []
+        self._columns, self._columns_n = [], 0
 
     def _unstored(self) -> list[Any]:
         """The points values() adds after the stored ones: the filling bucket's extremes, then the newest point."""
@@ -196,6 +202,24 @@ class Downsampler:
         for point in self.points[len(done):]:
             done.append(_point_json(point))
         return b"[" + b",".join(done + [_point_json(p) for p in self._unstored()]) + b"]"
+
+    def values_packed(self, width: int) -> list[bytes]:
+        """The ``width`` coordinates of values() as packed columns (``ev.pack_column``, ASCII bytes). Hex of whole
+        values concatenates, so only the points stored since the last call are encoded."""
+        if len(self._columns) != width:
+            self._columns = [b""] * width
+        new = self.points[self._columns_n:]
+        if new:
+            self._columns = [done + _packed(c) for done, c in zip(self._columns, zip(*new))]
+            self._columns_n = len(self.points)
+        tail = self._unstored()
+        if not tail:
+            return self._columns
+        return [done + _packed(p[i] for p in tail) for i, done in enumerate(self._columns)]
+
+
+def _packed(values: Any) -> bytes:
+    return ev.pack_floats(values).encode("ascii")
 
 
 def _point_json(point: Any) -> bytes:
@@ -299,10 +323,24 @@ class RunHistory:
         self._transition_daemons.append(event.daemon)
         self.phase = int(event.data.get("to", self.phase))
 
-    def snapshot_json(self, before: dict[str, Any] | None = None, after: dict[str, Any] | None = None) -> bytes:
-        """``ev.dumps({**before, **self.snapshot(), **after})`` with the series encoded incrementally (see
+    def snapshot_json(
+        self, before: dict[str, Any] | None = None, after: dict[str, Any] | None = None, series: str = "lists"
+    ) -> bytes:
+        """``ev.dumps({**before, **self.snapshot(series), **after})`` with the series encoded incrementally (see
         :meth:`Downsampler.values_json`): the snapshot reply, which a late subscriber asks for on every attach."""
         head = ev.dumps({**(before or {}), **self._snapshot_head(), **(after or {})})
+        if series == "packed":  # hex digits need no JSON escaping: the columns go in as they are
+            parts = [head[:-1], b',"series":"packed","lr":{']
+            for i, (tag, s) in enumerate(self.lr.items()):
+                steps, values = s.values_packed(2)
+                parts += [b"," if i else b"", ev.dumps(tag), b':{"steps":"', steps, b'","values":"', values, b'"}']
+            parts.append(b'},"metrics":{')
+            for i, (name, s) in enumerate(self.metrics.items()):
+                steps, epochs, values = s.values_packed(3)
+                parts += [b"," if i else b"", ev.dumps(name), b':{"stage":', ev.dumps(self.metric_stage.get(name, "train")),
+                          b',"steps":"', steps, b'","epochs":"', epochs, b'","values":"', values, b'"}']
+            parts.append(b"}}")
+            return b"".join(parts)
         lr = b",".join(ev.dumps(tag) + b":" + s.values_json() for tag, s in self.lr.items())
         metrics = b",".join(
             ev.dumps(name) + b':{"stage":' + ev.dumps(self.metric_stage.get(name, "train")) + b',"points":'
@@ -310,6 +348,17 @@ class RunHistory:
             for name, s in self.metrics.items()
         )
         return head[:-1] + b',"lr":{' + lr + b'},"metrics":{' + metrics + b"}}"
+
+    def _packed_series(self) -> dict[str, Any]:
+        def columns(names: tuple[str, ...], s: Downsampler) -> dict[str, str]:
+            return {k: c.decode("ascii") for k, c in zip(names, s.values_packed(len(names)))}
+
+        lr = {tag: columns(ev.LR_COLUMNS, s) for tag, s in self.lr.items()}
+        metrics = {
+            name: {"stage": self.metric_stage.get(name, "train"), **columns(ev.METRIC_COLUMNS, s)}
+            for name, s in self.metrics.items()
+        }
+        return {"series": "packed", "lr": lr, "metrics": metrics}
 
     def _snapshot_head(self) -> dict[str, Any]:
         return {
@@ -324,8 +373,10 @@ class RunHistory:
             "logs": list(self.logs),
         }
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, series: str = "lists") -> dict[str, Any]:
         """The snapshot as a dict (what :meth:`snapshot_json` encodes; the bus sends that)."""
+        if series == "packed":
+            return {**self._snapshot_head(), **self._packed_series()}
         return {
             **self._snapshot_head(),
             "lr": {tag: s.values() for tag, s in self.lr.items()},

@@ -153,6 +153,7 @@ class LiveSource:
         self._plan_wait = plan_interval  # grows while plan requests fail (e.g. before training starts)
         self.hello: dict[str, Any] = {}
         self.snapshots = 0  # snapshots applied (tests read it)
+        self.snapshot_series = ""  # how the last one carried its series: "lists" or "packed"
         self.label = target.describe()
 
     # ------------------------------------------------------------------------------------------------ sockets
@@ -315,12 +316,21 @@ class LiveSource:
         reason = self.state.resync_reason
         self.state.set_connection("resyncing", reason)
         try:
-            snap = await self.request("snapshot", timeout=max(self.request_timeout, 10.0))
+            # packed series where the daemon offers them: ~0.2 ms to decode where JSON numbers take ~2 ms (6 series
+            # of 1000 points), and the charts take the columns in one copy
+            packed = "packed" in (self.hello.get("snapshot_series") or ())
+            args = {"series": "packed"} if packed else {}
+            snap = await self.request("snapshot", timeout=max(self.request_timeout, 10.0), **args)
         except RequestError as err:
             self.state.set_connection("lost", f"snapshot failed: {err}")
             return False
         had_run = self.state.run is not None
-        self.state.apply_snapshot(snap)
+        try:
+            self.state.apply_snapshot(snap)
+        except ev.ProtocolError as err:  # raised before the state changed: what the screen shows stays
+            self.state.set_connection("lost", f"snapshot unreadable: {err}")
+            return False
+        self.snapshot_series = str(snap.get("series", "lists"))
         self.snapshots += 1
         self.state.last_heard = self.clock()
         if had_run:

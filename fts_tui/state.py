@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fts_daemon import clone
-from fts_daemon.events import Event
+from fts_daemon.events import Event, unpack_snapshot_series
 from fts_tui.series import Series
 
 # Parts of the display a change can touch (the app redraws only those).
@@ -32,7 +32,7 @@ FINAL_STATES = ("finished", "failed")
 # Top-level keys of a snapshot reply that are not the daemon's static info.
 SNAPSHOT_KEYS = frozenset(
     {"protocol", "codec", "run", "daemon", "seq", "state", "phase", "step", "epoch", "pub", "ctl", "ops", "state_data",
-     "schedule", "edits", "transitions", "logs", "lr", "metrics", "stats"}
+     "schedule", "edits", "transitions", "logs", "lr", "metrics", "stats", "series", "snapshot_series"}
 )
 
 
@@ -462,8 +462,10 @@ class RunState:
         The reply (see ``fts_daemon.bus``) carries the hello fields (``run``, ``daemon``, ``seq``, ``state``,
         ``phase``, ``step``, ``epoch`` and the daemon's static info), ``state_data``, ``schedule``, ``edits``,
         ``transitions``, ``logs``, ``lr`` (``{tag: [[step, lr], ...]}``) and ``metrics``
-        (``{name: {"stage", "points": [[step, epoch, value], ...]}}``), histories already downsampled.
+        (``{name: {"stage", "points": [[step, epoch, value], ...]}}``), histories already downsampled; or, with
+        ``series: "packed"``, each series as columns (``steps``, ``values``: hex strings, or ``array('d')`` once unpacked).
         """
+        snap = unpack_snapshot_series(snap)  # first: a malformed column raises ProtocolError before anything changes
         keep_plan = self.plan if snap.get("run") == self.run else None
         self.reset()
         self.plan = keep_plan
@@ -501,16 +503,22 @@ class RunState:
         self.log.clear()
         self.log.extend(entries)
         self.log_total = len(self.log)
-        for tag, points in (snap.get("lr") or {}).items():
-            series = self.lr.setdefault(tag, Series(self.series_capacity))
-            for point in points:
-                if point[0] is not None and point[1] is not None:
-                    series.append(float(point[0]), float(point[1]))
-        for name, item in (snap.get("metrics") or {}).items():
-            series = self._metric(name, str(item.get("stage") or ""))
-            for point in item.get("points") or []:
-                if point[0] is not None and point[-1] is not None:
-                    series.append(float(point[0]), float(point[-1]))
+        if snap.get("series") == "packed":  # columns of floats (NaN where the list form has null)
+            for tag, item in (snap.get("lr") or {}).items():
+                self.lr.setdefault(tag, Series(self.series_capacity)).load(item["steps"], item["values"])
+            for name, item in (snap.get("metrics") or {}).items():
+                self._metric(name, str(item.get("stage") or "")).load(item["steps"], item["values"])
+        else:
+            for tag, points in (snap.get("lr") or {}).items():
+                series = self.lr.setdefault(tag, Series(self.series_capacity))
+                for point in points:
+                    if point[0] is not None and point[1] is not None:
+                        series.append(float(point[0]), float(point[1]))
+            for name, item in (snap.get("metrics") or {}).items():
+                series = self._metric(name, str(item.get("stage") or ""))
+                for point in item.get("points") or []:
+                    if point[0] is not None and point[-1] is not None:
+                        series.append(float(point[0]), float(point[-1]))
         self.needs_resync, self.resync_reason = False, ""
         self.log_epoch += 1
         self.mark(*ALL_PARTS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from array import array
 from pathlib import Path
 
 import pytest
@@ -408,6 +409,8 @@ def test_incremental_snapshot_json_equals_encoding_the_snapshot(max_points: int,
         if kind == "snapshot":
             assert json.loads(history.snapshot_json(hello, after)) == json.loads(
                 ev.dumps({**hello, **history.snapshot(), **after}))
+            assert packed_as_lists(json.loads(history.snapshot_json(hello, after, "packed"))) == json.loads(
+                history.snapshot_json(hello, after))
             continue
         step += 1
         if kind == "lr":
@@ -418,6 +421,25 @@ def test_incremental_snapshot_json_equals_encoding_the_snapshot(max_points: int,
     raw = history.snapshot_json(hello, after)
     assert json.loads(raw) == json.loads(ev.dumps({**hello, **history.snapshot(), **after}))
     assert json.loads(raw)["phase"] == history.phase  # the history's own fields win over hello's, as before
+    packed = history.snapshot_json(hello, after, "packed")
+    assert json.loads(packed) == json.loads(ev.dumps({**hello, **history.snapshot("packed"), **after}))
+    assert packed_as_lists(json.loads(packed)) == json.loads(raw)
+
+
+def packed_as_lists(snap: dict) -> dict:
+    """A ``series: "packed"`` snapshot written in the list form (NaN back to null), to compare with one."""
+
+    def num(x: float) -> float | None:
+        return None if math.isnan(x) else x
+
+    out = dict(ev.unpack_snapshot_series(snap))
+    assert out.pop("series") == "packed"
+    out["lr"] = {tag: [[num(s), num(v)] for s, v in zip(c["steps"], c["values"])] for tag, c in out["lr"].items()}
+    out["metrics"] = {
+        name: {"stage": c["stage"], "points": [[num(s), num(e), num(v)] for s, e, v in zip(c["steps"], c["epochs"], c["values"])]}
+        for name, c in out["metrics"].items()
+    }
+    return out
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -438,6 +460,50 @@ def test_incremental_snapshot_json_across_compactions_and_resumes(seed: int) -> 
                                     data={"metrics": {"loss": value}, "stage": "train"}, step=step, epoch=step // 50))
         if rng.random() < 0.1:
             assert json.loads(history.snapshot_json()) == json.loads(ev.dumps(history.snapshot())), seq
+        if rng.random() < 0.1:  # packed columns are cached too: interleaved differently with compactions
+            assert packed_as_lists(json.loads(history.snapshot_json(series="packed"))) == json.loads(
+                history.snapshot_json()), seq
+
+
+def test_packed_snapshot_over_the_socket(rt: Path, tmp_path: Path) -> None:
+    """``snapshot`` with ``series: "packed"``: the same points as the list form, as float64 columns; a bad
+    ``series`` gets a one-line error naming it, and the bus keeps serving."""
+    bus = make_bus(rt, tmp_path, heartbeat_s=60, history_points=1000)  # every point kept (the NaN one too)
+    try:
+        for step in range(500):
+            bus.publish(ev.LR, {"lrs": {"a/pg1": 1e-3 / (step + 1), "a/pg2": math.nan if step == 7 else 2e-3}}, step, 0)
+            bus.publish(ev.METRIC, {"metrics": {"train_loss": 1.0 / (step + 1)}, "stage": "train"}, step, step // 100)
+        wait_for(lambda: drained(bus, 1000))
+        with Control(bus.endpoints[1]) as ctl:
+            assert ctl.request("hello")["snapshot_series"] == ["lists", "packed"]
+            lists = ctl.request("snapshot")
+            packed = ctl.request("snapshot", series="packed")
+            assert "series" not in lists and packed["series"] == "packed"
+            assert all(set(c) == {"steps", "values"} for c in packed["lr"].values())
+            assert packed_as_lists(packed) == lists
+            for bad in ("columns", 1, None, ["packed"]):
+                with pytest.raises(ControlError, match=r"^snapshot: series must be one of lists, packed; got"):
+                    ctl.request("snapshot", series=bad)
+            with pytest.raises(ControlError, match="unknown argument 'format'"):
+                ctl.request("snapshot", format="packed")
+        with Follower(*bus.endpoints, series="packed") as follower:
+            kind, snap = next(follower.follow(timeout=2.0))
+            assert kind == "snapshot"
+            steps, values = snap["lr"]["a/pg2"]["steps"], snap["lr"]["a/pg2"]["values"]
+            assert isinstance(values, array) and list(steps) == list(range(500))
+            assert [s for s, v in zip(steps, values) if math.isnan(v)] == [7.0]  # null in the list form
+            assert snap["metrics"]["train_loss"]["epochs"][-1] == 4.0
+    finally:
+        bus.close()
+
+
+@pytest.mark.parametrize("value", [math.pi, -0.0, 1e-300, 5e-324, 1.7976931348623157e308, 123456789.0])
+def test_packed_columns_round_trip_exactly(value: float) -> None:
+    text = ev.pack_floats([value, None, math.inf, -math.inf, math.nan, 3])
+    assert len(text) == 6 * 16 and text == text.lower()
+    back = ev.unpack_floats(text, "x")
+    assert back[0] == value and str(back[0]) == str(value) and back[5] == 3.0
+    assert all(math.isnan(x) for x in back[1:5])  # the list form's null
 
 
 def test_state_edit_and_transition_events_reach_the_file_at_once(rt: Path, tmp_path: Path) -> None:

@@ -104,17 +104,30 @@ def test_bus_folds_earlier_starts_into_snapshots(tmp_path: Path, monkeypatch: py
 # ------------------------------------------------------------------------------------------------ a real run
 
 
-class SnapshotProbe(Callback):
-    """Asks its own daemon for a snapshot as training (re)starts, before any step: what a client attaching then
-    gets."""
+class ControlProbe(Callback):
+    """Asks its own daemon ``op`` as training (re)starts, before any step; or, ``after_training``, as training ends,
+    once a client has seen the ``training`` state event (a tiny run can end before its events went out, and a
+    client outside the run could then find the daemon gone)."""
 
-    def __init__(self, run: str) -> None:
-        self.run = run
-        self.snapshot: dict[str, Any] | None = None
+    def __init__(self, run: str, op: str, after_training: bool = False) -> None:
+        self.run, self.op, self.after_training = run, op, after_training
+        self.result: dict[str, Any] | None = None
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        with Control(registry.read_record(self.run).ctl) as ctl:
-            self.snapshot = ctl.request("snapshot")
+        if not self.after_training:
+            with Control(registry.read_record(self.run).ctl) as ctl:
+                self.result = ctl.request(self.op)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.after_training:
+            record = registry.read_record(self.run)
+            with Follower(record.pub, record.ctl) as follower:
+                for kind, item in follower.follow(timeout=10):
+                    if kind == "snapshot" and item["state"] == "training":
+                        break
+                    if kind == "event" and item.kind == ev.STATE and item.data["state"] == "training":
+                        break
+                self.result = follower.control.request(self.op)
 
 
 def test_resume_anywhere_keeps_history_and_run_facts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -125,13 +138,11 @@ def test_resume_anywhere_keeps_history_and_run_facts(tmp_path: Path, monkeypatch
     run_dir = tmp_path / "run"
     with private_runtime_dir(monkeypatch):
         monkeypatch.chdir(tmp_path / "cfg")  # the schedule is found from here, by its relative name
-        first = start_daemon(configs=["h.yaml"], run="h", run_dir=run_dir)
-        with Follower(first.pub, first.ctl) as follower:
-            for kind, item in follower.follow(timeout=60):
-                if kind == "event" and item.kind == ev.STATE and item.data["state"] == "training":
-                    break
-            hello = follower.control.request("hello")
+        at_end = ControlProbe("h", "hello", after_training=True)
+        first = start_daemon(configs=["h.yaml"], run="h", run_dir=run_dir, callbacks=[at_end])
         assert first.join() == 0
+        hello = at_end.result
+        assert hello is not None
         assert hello["model"] == "TinyClassifier" and hello["module"] == "fts_daemon.examples.tiny.TinyClassifier"
         assert hello["config"] == [str(tmp_path / "cfg" / "h.yaml")] and hello["optimizer"] == "AdamW"
         assert hello["scheduler"]["class_path"] == "torch.optim.lr_scheduler.LinearLR"
@@ -139,13 +150,13 @@ def test_resume_anywhere_keeps_history_and_run_facts(tmp_path: Path, monkeypatch
         assert f"ft_schedule: {tmp_path / 'cfg' / 'h_schedule.yaml'}" in saved
 
         monkeypatch.chdir(tmp_path)  # resume from elsewhere, from the run dir alone
-        probe = SnapshotProbe("h")
+        probe = ControlProbe("h", "snapshot")
         second = start_daemon(configs=[], resume=True, run="h", run_dir=run_dir, callbacks=[probe],
                               overrides=["--trainer.max_epochs=3"])
         assert second.join() == 0, second.daemon.error
     events = read_events(run_dir / "events.jsonl")
     first_events = [e for e in events if e.daemon == events[0].daemon]
-    snap = probe.snapshot
+    snap = probe.result
     assert snap is not None and snap["daemon"] == second.daemon.bus.daemon != events[0].daemon
     # everything before the restart: the transition (with its time), every LR step, the logs
     first_lr_steps = sorted({e.step for e in first_events if e.kind == ev.LR})

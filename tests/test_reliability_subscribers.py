@@ -7,7 +7,8 @@ events' timestamps. Two figures each: wall-clock steps/s (what the goal is state
 thread answering snapshots, the GIL it takes from the training thread), which other load does not move.
 
 * *Churn*: in each of three daemon runs, 0.32 s windows without a client alternate with 0.32 s windows in which a
-  client attaches (subscribe + ``snapshot`` + 10 events) and detaches 4 times (12.5 a second), 100 cycles per run.
+  client attaches (subscribe + ``snapshot`` with packed series, as the TUI asks for it + 10 events) and detaches 4
+  times (12.5 a second), 100 cycles per run.
   Each churn window is compared with the mean of the quiet windows on either side of it, within the same process:
   separate processes of the same config differ by several percent in speed by themselves, and the speed of one
   process drifts by up to ~30% over tens of seconds on a shared VM, which short neighbouring windows cancel (75
@@ -15,7 +16,8 @@ thread answering snapshots, the GIL it takes from the training thread), which ot
   holding an epoch's end (validation, a checkpoint) is left out with its comparisons. The quiet windows' own
   deviation from their neighbours, and a run's windows compared with no client in any of them
   (``FTS_CHURN_CLIENT=none``), show the noise. ``FTS_CHURN_CLIENT`` takes a cycle apart: ``subscribe`` (SUB only, 20
-  events), ``snapshot`` (the control request only), ``snapshot-undecoded`` (the same, the reply left undecoded).
+  events), ``snapshot`` (the control request only), ``snapshot-undecoded`` (the same, the reply left undecoded);
+  ``follow-lists`` and ``snapshot-lists`` ask for the series as JSON lists instead.
 * *Stalled subscriber*: a subscriber process (``tests/reliability_subscriber.py``, ZeroMQ's default receive
   high-water mark) is stopped with SIGSTOP for 60 s while training goes on, then continued. Its queues overflow (a
   test callback adds 5 ``log`` events per step so that they do on a slow machine too), it sees the ``seq`` gap,
@@ -121,8 +123,10 @@ def one_epoch(events: list[ev.Event], a: Mark, b: Mark) -> bool:
 
 def churn_cycle(rec: Any) -> None:
     """One attach/detach cycle of the CHURN_CLIENT kind."""
-    if CHURN_CLIENT == "follow":
-        with Follower(rec.pub, rec.ctl) as follower:
+    if CHURN_CLIENT in ("follow", "follow-lists"):
+        # "follow" asks for packed series, as the TUI does; "follow-lists" for the JSON lists a script would
+        series = "packed" if CHURN_CLIENT == "follow" else "lists"
+        with Follower(rec.pub, rec.ctl, series=series) as follower:
             got = 0
             for kind, _ in follower.follow(timeout=5):
                 got += kind == "event"
@@ -140,18 +144,22 @@ def churn_cycle(rec: Any) -> None:
         sub.close(0)
     elif CHURN_CLIENT == "snapshot":
         with Control(rec.ctl) as ctl:
+            ev.unpack_snapshot_series(ctl.request("snapshot", series="packed"))
+    elif CHURN_CLIENT == "snapshot-lists":
+        with Control(rec.ctl) as ctl:
             ctl.request("snapshot")
     elif CHURN_CLIENT == "snapshot-undecoded":
         dealer = zmq.Context.instance().socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
         dealer.connect(rec.ctl)
-        dealer.send(ev.request("snapshot", 1))
+        dealer.send(ev.request("snapshot", 1, series="packed"))
         if not dealer.poll(5000):
             raise TimeoutError("no snapshot reply within 5 s")
         dealer.recv()
         dealer.close(0)
     elif CHURN_CLIENT != "none":
-        raise ValueError(f"FTS_CHURN_CLIENT={CHURN_CLIENT!r}: follow, subscribe, snapshot, snapshot-undecoded or none")
+        raise ValueError(f"FTS_CHURN_CLIENT={CHURN_CLIENT!r}: follow, follow-lists, subscribe, snapshot, "
+                         "snapshot-lists, snapshot-undecoded or none")
 
 
 def churn(rec: Any, errors: list[str], cycles: int) -> int:

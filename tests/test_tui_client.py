@@ -16,8 +16,10 @@ import zmq.auth
 
 from fts_daemon import registry
 from fts_daemon.bus import BusConfig, CurveKeys, EventBus, OpError
+from fts_daemon.client import Control
 from fts_tui.client import LiveSource, ResolveError, Target, resolve_target
 from fts_tui.source import RequestError
+from fts_tui.state import RunState
 from tests.data.make_recordings import build_run, plan_for
 
 EVENTS = build_run()
@@ -86,6 +88,14 @@ async def test_late_attach_then_live_events(bus: EventBus) -> None:
         s = source.state
         assert s.last_seq >= 300 and s.run == "demo-explicit-reinit" and s.phase == 1
         assert source.hello["pub"] == pub and "plan" in source.hello["ops"]
+        # the series came packed (the daemon offers it) and show what the list form shows
+        assert source.snapshot_series == "packed"
+        from_lists = RunState()
+        with Control(ctl) as control:
+            from_lists.apply_snapshot(control.request("snapshot"))
+        assert {t: v.points() for t, v in s.lr.items()} == {t: v.points() for t, v in from_lists.lr.items()}
+        assert {t: v.points() for t, v in s.metrics.items()} == {t: v.points() for t, v in from_lists.metrics.items()}
+        assert s.lr and s.metrics
         publish(bus, EVENTS[300:])
         await until(lambda: s.status == "finished")
         assert source.snapshots == 1 and s.last_seq == bus.seq

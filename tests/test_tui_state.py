@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fts_daemon.bus import RunHistory
-from fts_daemon.events import Event
+from fts_daemon.events import Event, ProtocolError
 from fts_tui.plot import ChartSpec, Marker, Trace, render_chart
 from fts_tui.replay import read_events
 from fts_tui.series import Series
@@ -31,7 +32,7 @@ def replayed(path: Path = DEMO) -> RunState:
     return state
 
 
-def daemon_snapshot(events: list[Event], **history_kw: int) -> dict:
+def daemon_snapshot(events: list[Event], series: str = "lists", **history_kw: int) -> dict:
     """What the real daemon's ``snapshot`` op returns after ``events`` (its own RunHistory folds them)."""
     history = RunHistory(**history_kw)
     for e in events:
@@ -45,7 +46,7 @@ def daemon_snapshot(events: list[Event], **history_kw: int) -> dict:
         "pub": "tcp://127.0.0.1:1",
         "ctl": "tcp://127.0.0.1:2",
         "model": "SentimentMiniLM",
-        **history.snapshot(),
+        **json.loads(history.snapshot_json(series=series)),  # as it comes off the wire
     }
 
 
@@ -292,3 +293,63 @@ def test_a_completed_run_shows_its_last_phase_done(reason: str | None, last_show
     for s in (live, snapped):
         shown = [s.phase_state(p) for p in s.phases]
         assert shown == ["done", "done", "done", last_shown], (reason, shown)
+
+
+def shown(s: RunState) -> tuple:
+    """Everything a snapshot puts in the charts and header."""
+    return (s.status, s.phase, s.step, s.epoch, s.last_seq, {t: v.points() for t, v in s.lr.items()},
+            {k: v.points() for k, v in s.metrics.items()}, s.metric_names(), s.info)
+
+
+@pytest.mark.parametrize("max_points", [50, 1000])
+def test_a_packed_snapshot_shows_what_the_list_form_shows(max_points: int) -> None:
+    events = build_run()
+    for cut in (5, 170, 600, len(events)):
+        lists, packed = RunState(), RunState()
+        lists.apply_snapshot(daemon_snapshot(events[:cut], max_points=max_points))
+        snap = daemon_snapshot(events[:cut], series="packed", max_points=max_points)
+        assert snap["series"] == "packed" and all(isinstance(c["values"], str) for c in snap["lr"].values())
+        packed.apply_snapshot(snap)
+        assert shown(packed) == shown(lists), cut
+        assert any(len(v) for v in packed.lr.values()) or cut == 5
+
+
+@pytest.mark.parametrize(
+    ("column", "text", "reason"),
+    [("values", "zz" * 8, "not a hex string"), ("values", "00" * 7, "not a whole number"),
+     ("steps", 12, "must be a hex string"), ("values", "0000000 00000000", "not a hex string"),
+     ("values", "00 00 0000000000", "not a hex string"), ("values", "0000000000000000" * 2, "differ in length")],
+)
+def test_a_malformed_packed_snapshot_is_refused_and_changes_nothing(column: str, text: object, reason: str) -> None:
+    events = build_run()
+    s = RunState()
+    s.apply_snapshot(daemon_snapshot(events[:400]))
+    before = shown(s)
+    snap = daemon_snapshot(events[:500], series="packed")
+    tag = next(iter(snap["lr"]))
+    snap["lr"][tag][column] = text
+    with pytest.raises(ProtocolError, match=reason) as err:
+        s.apply_snapshot(snap)
+    assert f"lr[{tag!r}].{column}" in str(err.value) or "differ" in str(err.value)
+    assert "\n" not in str(err.value)
+    assert shown(s) == before
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.one_of(st.integers(0, 10**6).map(float), st.just(math.nan)),
+                       st.floats(allow_nan=True, allow_infinity=True)), max_size=120),
+    st.integers(0, 40),
+)
+def test_series_load_equals_appending_each_point(points: list[tuple[float, float]], already: int) -> None:
+    """The bulk load a packed snapshot uses gives the series one append per (finite) point gives."""
+    one, bulk = Series(capacity=32), Series(capacity=32)
+    for i in range(already):
+        one.append(float(i), float(i % 5))
+        bulk.append(float(i), float(i % 5))
+    for x, y in points:
+        if math.isfinite(x):
+            one.append(x, y)
+    bulk.load([x for x, _ in points], [y for _, y in points])
+    assert (bulk.points(), bulk.count, bulk.stride) == (one.points(), one.count, one.stride)
+    assert (bulk.last_x, bulk.last_y) == (one.last_x, one.last_y) or math.isnan(one.last_x)
