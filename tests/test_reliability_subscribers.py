@@ -6,18 +6,18 @@ events' timestamps. Two figures each: wall-clock steps/s (what the goal is state
 2-core machine runs, the client included), and steps per CPU-second of the daemon process (its own cost: the I/O
 thread answering snapshots, the GIL it takes from the training thread), which other load does not move.
 
-* *Churn*: in each of three daemon runs, 0.32 s windows without a client alternate with 0.32 s windows in which a
-  client attaches (subscribe + ``snapshot`` with packed series, as the TUI asks for it + 10 events) and detaches 4
-  times (12.5 a second), 100 cycles per run.
-  Each churn window is compared with the mean of the quiet windows on either side of it, within the same process:
-  separate processes of the same config differ by several percent in speed by themselves, and the speed of one
-  process drifts by up to ~30% over tens of seconds on a shared VM, which short neighbouring windows cancel (75
-  comparisons; with 2 s windows, 8 of them left the median ±3% wide). Epochs are 1000 steps long here, and a window
-  holding an epoch's end (validation, a checkpoint) is left out with its comparisons. The quiet windows' own
-  deviation from their neighbours, and a run's windows compared with no client in any of them
-  (``FTS_CHURN_CLIENT=none``), show the noise. ``FTS_CHURN_CLIENT`` takes a cycle apart: ``subscribe`` (SUB only, 20
-  events), ``snapshot`` (the control request only), ``snapshot-undecoded`` (the same, the reply left undecoded);
-  ``follow-lists`` and ``snapshot-lists`` ask for the series as JSON lists instead.
+* *Churn*: in each of three daemon runs, a client attaches (subscribes, asks ``snapshot`` with packed series as the
+  TUI does, reads 10 events, which takes ~0.1-0.2 s as events go out in 100 ms batches) and detaches, 100 times,
+  with 0.1 s spans without a client between the cycles. Each cycle's span is compared with the quiet spans on
+  either side of it, within the same process: separate processes of the same config differ by several percent in
+  speed by themselves, and one process's speed drifts by up to ~30% over seconds on a shared VM, mostly slowly,
+  which neighbouring spans a tenth of a second long cancel. (Fixed windows of 0.32 s with 4 cycles each gave 75
+  comparisons, and with no client at all their median strayed by up to 2-4% from 1; 2 s windows, 8 comparisons,
+  ±3%.) Epochs are 1000 steps long, and a span holding an epoch's end (validation, a checkpoint) is left out with
+  its comparisons. The quiet spans' deviation from their neighbours, and the same runs with a client that only
+  sleeps as long as a cycle (``FTS_CHURN_CLIENT=none``), show the noise. ``FTS_CHURN_CLIENT`` takes a cycle apart:
+  ``subscribe`` (SUB only, 20 events), ``snapshot`` (the control request only), ``snapshot-undecoded`` (the same,
+  the reply left undecoded); ``follow-lists`` and ``snapshot-lists`` ask for the series as JSON lists instead.
 * *Stalled subscriber*: a subscriber process (``tests/reliability_subscriber.py``, ZeroMQ's default receive
   high-water mark) is stopped with SIGSTOP for 60 s while training goes on, then continued. Its queues overflow (a
   test callback adds 5 ``log`` events per step so that they do on a slow machine too), it sees the ``seq`` gap,
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import signal
 import statistics
@@ -56,11 +57,11 @@ STEPS_PER_EPOCH = 300
 PHASE2_STEP = 2 * STEPS_PER_EPOCH + 100  # measurements start here, in phase 2
 CHURN_STEPS_PER_EPOCH = 1000  # few epoch ends among the churn runs' short windows
 CYCLES = 100  # per run
-CHURN_WINDOWS = 25  # per run, each between two quiet windows: CYCLES / CHURN_WINDOWS cycles in each
 CHURN_RUNS = 3
-# each window lasts WINDOW_S; a churn window starts a cycle every WINDOW_S * CHURN_WINDOWS / CYCLES seconds (later if
-# cycles take longer): 12.5 attaches a second by default; FTS_CHURN_WINDOW_S spreads them (e.g. 1.6: 2.5 a second)
-WINDOW_S = float(os.environ.get("FTS_CHURN_WINDOW_S", "0.32"))
+# the quiet span after each cycle (cycles themselves last ~0.1-0.2 s: they wait for the daemon's next batch of
+# events), and the pause before it that a detach gets to finish in the daemon; FTS_CHURN_GAP_S changes the first
+GAP_S = float(os.environ.get("FTS_CHURN_GAP_S", "0.1"))
+SETTLE_S = 0.02
 # what a churn cycle does (see the module docstring): "follow" is the test; "none" measures the method's own noise
 CHURN_CLIENT = os.environ.get("FTS_CHURN_CLIENT", "follow")
 STALL_S = 60.0
@@ -104,13 +105,14 @@ def window_rate(events: list[ev.Event], a: Mark, b: Mark) -> tuple[float, float]
 
 
 def in_epoch_rate(events: list[ev.Event], a: Mark, b: Mark) -> float:
-    """Steps per second between two marks, counting only intervals between consecutive steps of one epoch."""
+    """Steps per second between two marks, counting only intervals between consecutive steps of one epoch (NaN if
+    there are none)."""
     inside = [(e.ts, e.step, e.epoch) for e in events if e.kind == ev.LR and a.t <= e.ts <= b.t]
     steps, seconds = 0, 0.0
     for (t0, s0, e0), (t1, s1, e1) in zip(inside, inside[1:]):
         if e0 == e1 and s1 == s0 + 1:
             steps, seconds = steps + 1, seconds + (t1 - t0)
-    return steps / seconds
+    return steps / seconds if seconds > 0 else math.nan
 
 
 def one_epoch(events: list[ev.Event], a: Mark, b: Mark) -> bool:
@@ -157,42 +159,38 @@ def churn_cycle(rec: Any) -> None:
             raise TimeoutError("no snapshot reply within 5 s")
         dealer.recv()
         dealer.close(0)
-    elif CHURN_CLIENT != "none":
+    elif CHURN_CLIENT == "none":
+        time.sleep(0.15)  # as long as a cycle: the method's noise with windows of the same length
+    else:
         raise ValueError(f"FTS_CHURN_CLIENT={CHURN_CLIENT!r}: follow, follow-lists, subscribe, snapshot, "
                          "snapshot-lists, snapshot-undecoded or none")
 
 
-def churn(rec: Any, errors: list[str], cycles: int) -> int:
-    """``cycles`` attach/detach cycles spread over WINDOW_S (by default: subscribe, snapshot, 10 events, close)."""
-    started = time.monotonic()
-    for cycle in range(cycles):
-        time.sleep(max(0.0, started + cycle * WINDOW_S / cycles - time.monotonic()))
-        try:
-            churn_cycle(rec)
-        except Exception as err:  # noqa: BLE001 - counted and reported
-            errors.append(repr(err))
-    time.sleep(max(0.0, started + WINDOW_S - time.monotonic()))
-    return cycles
-
-
 def churn_run(setup: dict[str, Any]) -> dict[str, Any]:
-    """One daemon run: quiet, churn, quiet, ..., churn, quiet windows (CHURN_WINDOWS churn windows)."""
+    """One daemon run: a quiet span, then CYCLES times: a cycle, a short pause, a quiet span."""
     setup["n"] += 1
     name = f"tp{setup['n']}"
     proc = DaemonProcess.start(name, setup["base"] / name, setup["env"], config=setup["cfg"])
-    cycles, errors, marks = 0, [], []
+    errors: list[str] = []
+    windows: list[tuple[Mark, Mark]] = []  # quiet, cycle, quiet, ..., cycle, quiet
     try:
         rec = proc.record()
         with Control(rec.ctl, timeout=30) as ctl:
             wait_for(lambda: (ctl.request("hello")["step"] or 0) >= PHASE2_STEP, timeout=180, interval=0.05)
-            marks.append(Mark(proc.pid))
-            for _ in range(CHURN_WINDOWS):
-                time.sleep(WINDOW_S)
-                marks.append(Mark(proc.pid))
-                cycles += churn(rec, errors, CYCLES // CHURN_WINDOWS)
-                marks.append(Mark(proc.pid))
-            time.sleep(WINDOW_S)
-            marks.append(Mark(proc.pid))
+            start = Mark(proc.pid)
+            time.sleep(GAP_S)
+            windows.append((start, Mark(proc.pid)))
+            for _ in range(CYCLES):
+                start = Mark(proc.pid)
+                try:
+                    churn_cycle(rec)
+                except Exception as err:  # noqa: BLE001 - counted and reported
+                    errors.append(repr(err))
+                windows.append((start, Mark(proc.pid)))
+                time.sleep(SETTLE_S)
+                start = Mark(proc.pid)
+                time.sleep(GAP_S)
+                windows.append((start, Mark(proc.pid)))
             ctl.request("stop")
         rc = proc.wait(120)
     finally:
@@ -200,28 +198,38 @@ def churn_run(setup: dict[str, Any]) -> dict[str, Any]:
     events = read_event_file(setup["base"] / name / "events.jsonl").events
     final = [e for e in events if e.kind == ev.STATE][-1].data
     logged_errors = [e.data["message"] for e in events if e.kind == ev.LOG and e.data["level"] == "error"]
-    windows = list(zip(marks, marks[1:]))  # quiet, churn, quiet, ..., churn, quiet
     rates = [in_epoch_rate(events, a, b) for a, b in windows]
-    cpu = [window_rate(events, a, b)[1] for a, b in windows]
-    clean = [one_epoch(events, a, b) for a, b in windows]  # no epoch end inside (nor right after)
+    # no epoch end inside (nor right after), and at least one step interval
+    clean = [one_epoch(events, a, b) and r == r for (a, b), r in zip(windows, rates)]
 
-    def vs_neighbours(values: list[float], i: int, d: int = 1) -> float | None:
+    def vs_neighbours(i: int, d: int = 1) -> float | None:
         if not (clean[i] and clean[i - d] and clean[i + d]):
             return None
-        return values[i] / statistics.mean([values[i - d], values[i + d]])
+        return rates[i] / statistics.mean([rates[i - d], rates[i + d]])
 
     def kept(values: list[float | None]) -> list[float]:
         return [v for v in values if v is not None]
 
-    churn_at = range(1, len(windows), 2)
-    quiet_inner = range(2, len(windows) - 2, 2)  # quiet windows with a quiet window two places away on both sides
+    def steps_per_cpu(at: range) -> float:
+        """Steps per CPU-second of the daemon summed over the clean windows ``at`` (/proc counts CPU time in
+        10 ms ticks: one window's share is too coarse, a sum over a hundred is not)."""
+        steps = cpu = 0.0
+        for i in at:
+            a, b = windows[i]
+            inside = [e.step for e in events if e.kind == ev.LR and a.t <= e.ts <= b.t]
+            if clean[i] and a.cpu is not None and b.cpu is not None:
+                steps, cpu = steps + inside[-1] - inside[0], cpu + b.cpu - a.cpu
+        return steps / cpu if cpu else math.nan
+
+    cycles_at, quiet_at = range(1, len(windows), 2), range(0, len(windows), 2)
     return {
-        "rc": rc, "final": final, "cycles": cycles, "errors": errors, "logged_errors": logged_errors,
-        "rates": rates, "windows": len(churn_at),
-        "ratios": kept([vs_neighbours(rates, i) for i in churn_at]),
-        "cpu_ratios": kept([vs_neighbours(cpu, i) for i in churn_at]),
-        # the noise: a quiet window against the quiet windows two places away (the same distance in time)
-        "quiet_ratios": kept([vs_neighbours(rates, i, 2) for i in quiet_inner]),
+        "rc": rc, "final": final, "cycles": len(cycles_at), "errors": errors, "logged_errors": logged_errors,
+        "ratios": kept([vs_neighbours(i) for i in cycles_at]),
+        "cpu_ratio": steps_per_cpu(cycles_at) / steps_per_cpu(quiet_at),
+        # the noise: a quiet span against the quiet spans on either side of it (two places away)
+        "quiet_ratios": kept([vs_neighbours(i, 2) for i in range(2, len(windows) - 2, 2)]),
+        "cycle_s": statistics.median(b.t - a.t for a, b in (windows[i] for i in cycles_at)),
+        "seconds": windows[-1][1].t - windows[0][0].t,
     }
 
 
@@ -237,20 +245,20 @@ def test_subscriber_churn_does_not_slow_training(churn_runs: list[dict[str, Any]
     ratios = [x for r in churn_runs for x in r["ratios"]]
     ratio = statistics.median(ratios)
     noise = statistics.median(abs(x - 1) for r in churn_runs for x in r["quiet_ratios"])
-    cpu_ratios = [x for r in churn_runs for x in r["cpu_ratios"]]
-    cpu_ratio = statistics.median(cpu_ratios)
-    rate = CYCLES / CHURN_WINDOWS / WINDOW_S
+    cpu_ratio = statistics.median(r["cpu_ratio"] for r in churn_runs)
+    per_s = CYCLES * len(churn_runs) / sum(r["seconds"] for r in churn_runs)
     # the median's own spread: its 95% interval from the order statistics (a distribution-free interval)
     ordered, half = sorted(ratios), 0.98 * len(ratios) ** 0.5
     low = ordered[max(0, int(len(ratios) / 2 - half))]
     high = ordered[min(len(ratios) - 1, int(len(ratios) / 2 + half))]
+    kind = "" if CHURN_CLIENT == "follow" else f"; cycles: {CHURN_CLIENT}"
     figure("subscriber-churn",
-           f"{CYCLES} attach/detach cycles x {len(churn_runs)} runs ({rate:g}/s in {CHURN_WINDOWS} windows of "
-           f"{WINDOW_S:g}s per run, between windows without a client{'' if CHURN_CLIENT == 'follow' else f'; cycles: {CHURN_CLIENT}'}), "
-           f"no training error; steps/s with churn / without = {ratio:.3f} (goal >= 0.98; median of {len(ratios)} "
-           f"of {sum(r['windows'] for r in churn_runs)} windows, the rest held an epoch end; 95% interval of the "
-           f"median {low:.3f}-{high:.3f}; windows without a client deviate from theirs by {noise:.1%}); steps per "
-           f"CPU-second of the daemon with churn / without = {cpu_ratio:.3f}; load average "
+           f"{CYCLES} attach/detach cycles x {len(churn_runs)} runs ({per_s:.1f}/s, each cycle "
+           f"~{statistics.median(r['cycle_s'] for r in churn_runs):.2f}s between {GAP_S:g}s spans without a client"
+           f"{kind}), no training error; steps/s during a cycle / the spans beside it = {ratio:.3f} (goal >= 0.98; "
+           f"median of {len(ratios)} of {CYCLES * len(churn_runs)} cycles, the rest held an epoch end; 95% interval "
+           f"of the median {low:.3f}-{high:.3f}; spans without a client deviate from theirs by {noise:.1%}); steps "
+           f"per CPU-second of the daemon during cycles / between them = {cpu_ratio:.3f}; load average "
            f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", ratio=ratio, noise=noise, cpu_ratio=cpu_ratio,
            ratios=ratios, median_low=low, median_high=high)
     # The goal is 2% of wall-clock steps/s. The client shares the 2 cores with the daemon, and so does whatever else
