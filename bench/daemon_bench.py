@@ -291,12 +291,11 @@ class _Timer:
         return self.cpu / self.steps * 1e6
 
 
-def plain_run(overrides: list[str], tmp: str, callbacks: tuple[Any, ...] = ()) -> _Timer:
+def plain_run(overrides: list[str], tmp: str) -> _Timer:
     from fts_daemon.runner import build_from_config, find_fts_callback, resolve_schedule_path
 
     timer = _Timer()
-    built = build_from_config([DEMO], overrides, trainer_defaults={"default_root_dir": tmp},
-                              callbacks=[timer.callback, *callbacks])
+    built = build_from_config([DEMO], overrides, trainer_defaults={"default_root_dir": tmp}, callbacks=[timer.callback])
     resolve_schedule_path(find_fts_callback(built.trainer), [DEMO])
     built.trainer.fit(built.model, datamodule=built.datamodule)
     return timer
@@ -474,90 +473,6 @@ def windows(
     return out
 
 
-# --------------------------------------------------------------------------------------------- 1c. side by side
-
-
-class _StepClock:
-    """(monotonic time, epoch) after every training batch. CLOCK_MONOTONIC is one clock for all processes of the
-    machine, so the steps two runs made can be counted over the same seconds."""
-
-    def __init__(self) -> None:
-        from pytorch_lightning.callbacks import Callback
-
-        clock = self
-        self.points: list[tuple[float, int]] = []
-
-        class StepClockCallback(Callback):
-            def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-                clock.points.append((time.monotonic(), int(trainer.current_epoch)))
-
-        self.callback = StepClockCallback()
-
-
-def side_child(kind: str, cpu: int, size: str, epochs: int, out: str, tmp: str) -> None:
-    """One run of a 1c. pair in this process, pinned to ``cpu`` with everything it starts (threads, subscriber)."""
-    os.sched_setaffinity(0, {cpu})
-    import torch
-
-    torch.set_num_threads(1)
-    os.environ["FTS_RUNTIME_DIR"] = tmp
-    overrides = [*COMMON, *SIZES[size], f"--trainer.max_epochs={epochs}"]
-    clock = _StepClock()
-    if kind == "plain":
-        plain_run(overrides, tmp, (clock.callback,))
-    else:
-        run_daemon(overrides, tmp, f"side-{cpu}-{os.getpid()}", clock.callback)
-    Path(out).write_text(json.dumps(clock.points))
-
-
-def _steady(points: list[list[float]]) -> tuple[float, float]:
-    """(start, end) of a run's steady state: from its first step of epoch STEADY_FROM to its last step."""
-    return next(t for t, epoch in points if epoch >= STEADY_FROM), points[-1][0]
-
-
-def side_by_side(sizes: list[str], pairs: int, epochs: int) -> dict[str, Any]:
-    """Plain Lightning and the daemon (with a subscriber) trained at the same time, each pinned to one core, the
-    cores swapped from pair to pair: the steps each made over the seconds both were in steady state. The VM's
-    speed drifts by tens of percent over seconds, alike for both (the same moments), which separate runs cannot
-    cancel; pinning keeps the daemon's own threads and its subscriber on its side. On 2 cores this leaves the
-    daemon no spare core for its I/O thread and subscriber, which a real machine has: a worst case."""
-    out: dict[str, Any] = {}
-    for size in sizes:
-        ratios, bins = [], []
-        with tempfile.TemporaryDirectory(prefix="ftss") as tmp:
-            for i in range(pairs):
-                daemon_cpu = i % 2
-                procs, files = {}, {}
-                for kind, cpu in (("plain", 1 - daemon_cpu), ("daemon", daemon_cpu)):
-                    files[kind] = Path(tmp) / f"{kind}-{i}.json"
-                    procs[kind] = subprocess.Popen(
-                        [sys.executable, __file__, "--side", kind, str(cpu), size, str(epochs), str(files[kind]), tmp],
-                        env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL)
-                for proc in procs.values():
-                    assert proc.wait(600) == 0, "a side-by-side run failed"
-                pts = {kind: json.loads(files[kind].read_text()) for kind in files}
-                t0 = max(_steady(p)[0] for p in pts.values())
-                t1 = min(_steady(p)[1] for p in pts.values())
-                count = {k: sum(1 for t, _ in p if t0 <= t <= t1) for k, p in pts.items()}
-                ratios.append(count["daemon"] / count["plain"])
-                # per-second bins of the same span: the spread of the ratio within the pair
-                for b in range(int(t1 - t0)):
-                    lo, hi = t0 + b, t0 + b + 1
-                    n = {k: sum(1 for t, _ in p if lo <= t < hi) for k, p in pts.items()}
-                    if n["plain"]:
-                        bins.append(n["daemon"] / n["plain"])
-                print(f"  {size} pair {i + 1}/{pairs}: daemon on cpu {daemon_cpu}, {t1 - t0:.1f} s side by side: "
-                      f"{count['daemon']} vs {count['plain']} steps, ratio {ratios[-1]:.3f}", flush=True)
-        ordered, half = sorted(bins), 0.98 * len(bins) ** 0.5
-        out[size] = {
-            "ratio_median": statistics.median(ratios), "ratios": ratios, "bins": len(bins),
-            "bins_median": statistics.median(bins),
-            "bins_low": ordered[max(0, int(len(bins) / 2 - half))],
-            "bins_high": ordered[min(len(bins) - 1, int(len(bins) / 2 + half))],
-        }
-    return out
-
-
 # --------------------------------------------------------------------------------------------- main
 
 
@@ -574,27 +489,20 @@ def main() -> int:
                         "a long run spends at most --checkpoint-overhead (1%%) of its time on them")
     parser.add_argument("--windows", type=int, default=3, metavar="RUNS",
                         help="daemon runs for the same-run window measurement (1b.; 0 skips it)")
-    parser.add_argument("--skip", default="", help="comma-separated sections to skip: events, bus, pairs, side")
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip: events, bus, pairs")
     parser.add_argument("--window-scale", type=int, default=1,
                         help="1b. windows this many times longer (and their untimed start too)")
     parser.add_argument("--no-subscriber", action="store_true",
                         help="1b. without the subscriber process (what the daemon's own threads cost)")
     parser.add_argument("--batch-ms", type=float, help="the daemon's shortest time between two batches of events "
                         "(StartOptions.batch_ms, default 100)")
-    parser.add_argument("--side-by-side", type=int, default=4, metavar="PAIRS",
-                        help="1c. pairs of runs side by side, each pinned to its own core (0 skips it)")
     parser.add_argument("--json", help="also write the results here")
-    parser.add_argument("--side", nargs=6, help=argparse.SUPPRESS)
     parser.add_argument("--subscriber", help=argparse.SUPPRESS)
     parser.add_argument("--expect", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--idle", type=float, default=30.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.subscriber:
         subscriber(args.subscriber, args.expect or None, args.idle)
-        return 0
-    if args.side:
-        kind, cpu, size, epochs, out, tmp = args.side
-        side_child(kind, int(cpu), size, int(epochs), out, tmp)
         return 0
     warnings.filterwarnings("ignore")
     import pytorch_lightning  # noqa: F401 - it sets its loggers' levels on import; quiet them after
@@ -642,17 +550,6 @@ def main() -> int:
                   f"+{r['added_us_per_step']:.0f} us per step; "
                   f"training thread +{extra:.0f} us/step CPU; I/O thread CPU {100 * r['io_thread_cpu_share']:.1f}% of "
                   f"the run's time; subscriber lost {r['subscriber_lost']} events")
-    if args.side_by_side and "side" not in skip:
-        print("1c. side by side: plain Lightning and the daemon with its subscriber training at the same time, each "
-              "pinned to one core with torch on one thread (the daemon's I/O thread and the subscriber on the "
-              "daemon's core); steps each made over the same seconds", flush=True)
-        results["side_by_side"] = side_by_side(args.sizes.split(","), args.side_by_side,
-                                               epochs=STEADY_FROM + (6 if args.quick else 12))
-        for size, r in results["side_by_side"].items():
-            print(f"  {size:6} daemon / plain, same seconds: {r['ratio_median']:.3f} (median of {len(r['ratios'])} "
-                  f"pairs, core swapped between pairs: {', '.join(f'{x:.3f}' for x in r['ratios'])}; per-second "
-                  f"bins: median {r['bins_median']:.3f}, 95% interval {r['bins_low']:.3f}-{r['bins_high']:.3f} of "
-                  f"{r['bins']} s)")
     if args.windows:
         print("1b. the event stream's per-step cost within one daemon run: windows with the stream on vs off (the "
               "subscriber live throughout)", flush=True)
