@@ -447,6 +447,14 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else math.nan
 
 
+def _median_interval(values: list[float]) -> tuple[float, float]:
+    """The median's 95% interval from the order statistics (distribution-free)."""
+    if not values:
+        return math.nan, math.nan
+    ordered, half = sorted(values), 0.98 * len(values) ** 0.5
+    return ordered[max(0, int(len(values) / 2 - half))], ordered[min(len(values) - 1, int(len(values) / 2 + half))]
+
+
 def windows(
     sizes: list[str], runs: int, epochs: int, window_steps: dict[str, tuple[int, int]], subscribe: bool = True
 ) -> dict[str, Any]:
@@ -469,6 +477,7 @@ def windows(
                       f"got {sub['count']} events ({sub['lost']} lost), its CPU {sub_cpu:.0f} us per event", flush=True)
         out[size] = {"ratio_median": _median(on_all), "windows": len(on_all),
                      "noise": _median([abs(x - 1) for x in off_all]), "ratios": on_all,
+                     "interval": _median_interval(on_all),
                      "window_steps": window_steps[size][0]}
     return out
 
@@ -561,8 +570,8 @@ def main() -> int:
                                      subscribe=not args.no_subscriber)
         for size, r in results["windows"].items():
             print(f"  {size:6} steps/s with the stream / without, same run: {r['ratio_median']:.3f} (median of "
-                  f"{r['windows']} windows of {r['window_steps']} steps; off windows deviate from theirs by "
-                  f"{100 * r['noise']:.1f}%)")
+                  f"{r['windows']} windows of {r['window_steps']} steps, its 95% interval {r['interval'][0]:.3f}-"
+                  f"{r['interval'][1]:.3f}; off windows deviate from theirs by {100 * r['noise']:.1f}%)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0

@@ -593,7 +593,7 @@ class EventBus:
             series = args.get("series", "lists")
             if series not in ev.SERIES_FORMATS:
                 raise OpError(f"snapshot: series must be one of {', '.join(ev.SERIES_FORMATS)}; got {series!r:.40}")
-            return ev.RawJSON(self.history.snapshot_json(self.hello(), {"stats": self.stats()}, series))
+            return ev.RawJSON(self.history.snapshot_json(self.hello(), None, series))
         handler = self._handlers.get(op)
         if handler is None:
             raise OpError(f"op {op!r} is not available in this daemon")
@@ -616,7 +616,11 @@ class EventBus:
             "ctl": ctl,
             "ops": [op for op in ev.OPS if op in ("hello", "snapshot") or op in self._handlers],
             "snapshot_series": list(ev.SERIES_FORMATS),
+            "stats": self.stats(),
         }
 
-    def stats(self) -> dict[str, int]:
-        return {"published": self.published, "dropped": self.dropped}
+    def stats(self) -> dict[str, Any]:
+        """Counters for ``hello`` and ``snapshot`` replies. Called on the I/O thread, so ``io_cpu_s`` is the CPU
+        time that thread has used: what the bus costs the machine, which a client can watch (e.g. while a
+        subscriber is stalled)."""
+        return {"published": self.published, "dropped": self.dropped, "io_cpu_s": round(time.thread_time(), 4)}

@@ -480,6 +480,8 @@ def test_packed_snapshot_over_the_socket(rt: Path, tmp_path: Path) -> None:
             packed = ctl.request("snapshot", series="packed")
             assert "series" not in lists and packed["series"] == "packed"
             assert all(set(c) == {"steps", "values"} for c in packed["lr"].values())
+            # stats: counters, and the I/O thread's CPU time, which grows by the time the second reply is built
+            assert lists.pop("stats")["io_cpu_s"] <= packed.pop("stats")["io_cpu_s"]
             assert packed_as_lists(packed) == lists
             for bad in ("columns", 1, None, ["packed"]):
                 with pytest.raises(ControlError, match=r"^snapshot: series must be one of lists, packed; got"):
