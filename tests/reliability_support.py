@@ -228,10 +228,12 @@ def steps_per_second(events: Sequence[Any], skip: int = 0) -> float:
 
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """CPU time (user + system, all threads) a process has used so far; None where /proc is not available."""
+def cpu_seconds(pid: int, main_thread_only: bool = False) -> float | None:
+    """CPU time (user + system) a process has used so far, all its threads or only its main thread (the one that
+    trains in ``fts-daemon start``); None where /proc is not available."""
+    path = f"/proc/{pid}/task/{pid}/stat" if main_thread_only else f"/proc/{pid}/stat"
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)

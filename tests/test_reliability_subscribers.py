@@ -90,7 +90,13 @@ class Mark:
     """A point in time of a daemon: wall clock and the CPU time its process had used by then."""
 
     def __init__(self, pid: int):
-        self.t, self.cpu = time.time(), cpu_seconds(pid)
+        self.t, self.cpu, self.main_cpu = time.time(), cpu_seconds(pid), cpu_seconds(pid, main_thread_only=True)
+
+    def background_per_s(self, later: Mark) -> float:
+        """CPU seconds per second the process's other threads (I/O, ZeroMQ, writers) used until ``later``."""
+        if None in (self.cpu, self.main_cpu, later.cpu, later.main_cpu):
+            return math.nan
+        return ((later.cpu - later.main_cpu) - (self.cpu - self.main_cpu)) / (later.t - self.t)
 
 
 def window_rate(events: list[ev.Event], a: Mark, b: Mark) -> tuple[float, float]:
@@ -342,7 +348,9 @@ def test_stalled_subscriber_is_detected_and_resyncs_exactly(setup: dict[str, Any
     io_us = [(b["io_cpu_s"] - a["io_cpu_s"]) / max(1, b["published"] - a["published"]) * 1e6 for a, b in zip(io, io[1:])]
     figure("stalled-subscriber",
            f"SIGSTOP {STALL_S:.0f}s: the daemon's I/O thread {io_us[0]:.0f} / {io_us[1]:.0f} / {io_us[2]:.0f} us of "
-           f"CPU per event sent before / during / after the freeze; "
+           f"CPU per event sent before / during / after the freeze, all its threads but training's "
+           f"{m_before.background_per_s(m_stop):.1%} / {m_stop.background_per_s(m_cont):.1%} / "
+           f"{m_cont.background_per_s(m_end):.1%} of a core; "
            f"steps/s during the freeze / the {SIDE_S:.0f}s before = {during / before:.3f}, "
            f"/ the {SIDE_S:.0f}s after = {during / after:.3f} (goal >= 0.98; {during:.0f}, {before:.0f}, {after:.0f} "
            f"steps/s); steps per CPU-second of the daemon during / before = {during_cpu / before_cpu:.3f}, / after = "
