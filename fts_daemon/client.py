@@ -125,7 +125,7 @@ class Follower:
         self.tracker = CloneTracker()
         self.snapshots = 0
         # how snapshots carry LR/metric histories: "lists" ([[step, lr], ...]) or "packed" (array('d') columns:
-        # ``{"steps", "values"}`` per tag, plus ``"epochs"`` per metric; NaN where lists have null), ~20x cheaper
+        # ``{"steps", "values"}`` per tag, plus ``"epochs"`` per metric; NaN where lists have null), ~10x cheaper
         # to decode for a client that attaches often
         self.series = series
 

@@ -4,7 +4,8 @@ All runs train the same tiny model (300 steps per epoch, phase 2 from step 600) 
 ``OMP_NUM_THREADS=1``, until the test stops them, and are measured in phase 2 (the costliest steps) from the ``lr``
 events' timestamps. Two figures each: wall-clock steps/s (what the goal is stated in, but moved by anything else the
 2-core machine runs, the client included), and steps per CPU-second of the daemon process (its own cost: the I/O
-thread answering snapshots, the GIL it takes from the training thread), which other load does not move.
+thread answering snapshots, the GIL it takes from the training thread), which leaves the client's own CPU out (the
+host's drift moves both figures; the short neighbouring spans below cancel it).
 
 * *Churn*: in each of three daemon runs, a client attaches (subscribes, asks ``snapshot`` with packed series as the
   TUI does, reads 10 events, which takes ~0.1-0.2 s as events go out in 100 ms batches) and detaches, 100 times,
@@ -102,8 +103,8 @@ class Mark:
 def window_rate(events: list[ev.Event], a: Mark, b: Mark) -> tuple[float, float]:
     """(steps per second, steps per CPU-second of the daemon process) between two marks, from the ``lr`` events.
 
-    The second is what a subscriber can cost the daemon (its I/O thread's work, GIL taken from training), and it
-    does not move when other processes load the machine; NaN where /proc is unavailable."""
+    The second is what a subscriber can cost the daemon (its I/O thread's work, GIL taken from training), leaving the
+    client's own CPU out; NaN where /proc is unavailable."""
     inside = [(e.ts, e.step) for e in events if e.kind == ev.LR and a.t <= e.ts <= b.t]
     steps = inside[-1][1] - inside[0][1]
     per_cpu = steps / (b.cpu - a.cpu) if a.cpu is not None and b.cpu is not None else float("nan")

@@ -271,8 +271,9 @@ def test_chart_rendering_shapes_markers_and_log_axis() -> None:
     assert any("no data yet" in "".join(t for t, _ in row) for row in empty)
 
 
-def test_snapshot_does_not_mutate_its_input() -> None:
-    snap = daemon_snapshot(build_run()[:300])
+@pytest.mark.parametrize("series", ["lists", "packed"])
+def test_snapshot_does_not_mutate_its_input(series: str) -> None:
+    snap = daemon_snapshot(build_run()[:300], series=series)
     before = copy.deepcopy(snap)
     RunState().apply_snapshot(snap)
     assert snap == before
