@@ -115,6 +115,14 @@ def resolve_target(
     return out
 
 
+def snapshot_args(hello: dict[str, Any]) -> dict[str, Any]:
+    """The ``snapshot`` request's arguments for a daemon that said ``hello``: packed series where it offers them
+    (~0.2 ms to decode where JSON numbers take ~2 ms for 6 series of 1000 points, and the charts take the columns
+    in one copy); the list form from a daemon that does not."""
+    offered = hello.get("snapshot_series")
+    return {"series": "packed"} if isinstance(offered, list) and "packed" in offered else {}
+
+
 class LiveSource:
     """Keeps a :class:`RunState` in step with a daemon; see the module docstring."""
 
@@ -316,11 +324,7 @@ class LiveSource:
         reason = self.state.resync_reason
         self.state.set_connection("resyncing", reason)
         try:
-            # packed series where the daemon offers them: ~0.2 ms to decode where JSON numbers take ~2 ms (6 series
-            # of 1000 points), and the charts take the columns in one copy
-            packed = "packed" in (self.hello.get("snapshot_series") or ())
-            args = {"series": "packed"} if packed else {}
-            snap = await self.request("snapshot", timeout=max(self.request_timeout, 10.0), **args)
+            snap = await self.request("snapshot", timeout=max(self.request_timeout, 10.0), **snapshot_args(self.hello))
         except RequestError as err:
             self.state.set_connection("lost", f"snapshot failed: {err}")
             return False

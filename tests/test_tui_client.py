@@ -17,7 +17,7 @@ import zmq.auth
 from fts_daemon import registry
 from fts_daemon.bus import BusConfig, CurveKeys, EventBus, OpError
 from fts_daemon.client import Control
-from fts_tui.client import LiveSource, ResolveError, Target, resolve_target
+from fts_tui.client import LiveSource, ResolveError, Target, resolve_target, snapshot_args
 from fts_tui.source import RequestError
 from fts_tui.state import RunState
 from tests.data.make_recordings import build_run, plan_for
@@ -237,3 +237,9 @@ async def test_plan_is_asked_again_after_no_plan_yet() -> None:
             assert calls[2] - calls[1] >= 0.3  # waits 0.1 * 2 * 2 after two failures: asked less often while it fails
     finally:
         b.close()
+
+
+def test_packed_snapshots_only_from_a_daemon_that_offers_them() -> None:
+    assert snapshot_args({"snapshot_series": ["lists", "packed"]}) == {"series": "packed"}
+    for hello in ({}, {"snapshot_series": ["lists"]}, {"snapshot_series": "packed"}, {"snapshot_series": None}):
+        assert snapshot_args(hello) == {}  # a daemon from before packed series, or a malformed hello: lists
