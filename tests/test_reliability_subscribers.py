@@ -13,7 +13,7 @@ host's drift moves both figures; the short neighbouring spans below cancel it).
   either side of it, within the same process: separate processes of the same config differ by several percent in
   speed by themselves, and one process's speed drifts by up to ~30% over seconds on a shared VM, mostly slowly,
   which neighbouring spans a tenth of a second long cancel. (Fixed windows of 0.32 s with 4 cycles each gave 75
-  comparisons, and with no client at all their median strayed by up to 2-4% from 1; 2 s windows, 8 comparisons,
+  comparisons, and with no client at all their median strayed by ~2% from 1; 2 s windows, 8 comparisons,
   ±3%.) Epochs are 1000 steps long, and a span holding an epoch's end (validation, a checkpoint) is left out with
   its comparisons. The quiet spans' deviation from their neighbours, and the same runs with a client that only
   sleeps as long as a cycle (``FTS_CHURN_CLIENT=none``), show the noise. ``FTS_CHURN_CLIENT`` takes a cycle apart:
