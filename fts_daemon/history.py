@@ -329,17 +329,19 @@ class RunHistory:
         """``ev.dumps({**before, **self.snapshot(series), **after})`` with the series encoded incrementally (see
         :meth:`Downsampler.values_json`): the snapshot reply, which a late subscriber asks for on every attach."""
         head = ev.dumps({**(before or {}), **self._snapshot_head(), **(after or {})})
-        if series == "packed":  # hex digits need no JSON escaping: the columns go in as they are
-            parts = [head[:-1], b',"series":"packed","lr":{']
-            for i, (tag, s) in enumerate(self.lr.items()):
-                steps, values = s.values_packed(2)
-                parts += [b"," if i else b"", ev.dumps(tag), b':{"steps":"', steps, b'","values":"', values, b'"}']
-            parts.append(b'},"metrics":{')
-            for i, (name, s) in enumerate(self.metrics.items()):
-                steps, epochs, values = s.values_packed(3)
-                parts += [b"," if i else b"", ev.dumps(name), b':{"stage":', ev.dumps(self.metric_stage.get(name, "train")),
-                          b',"steps":"', steps, b'","epochs":"', epochs, b'","values":"', values, b'"}']
-            parts.append(b"}}")
+        if series == "packed":  # hex digits need no JSON escaping: the columns go in as they are, joined once
+            parts = [head[:-1], b',"series":"packed"']
+            for key, table, columns in (("lr", self.lr, ev.LR_COLUMNS), ("metrics", self.metrics, ev.METRIC_COLUMNS)):
+                parts.append(b',"%s":{' % key.encode("ascii"))
+                for i, (name, s) in enumerate(table.items()):
+                    parts += [b"," if i else b"", ev.dumps(name), b":{"]
+                    if key == "metrics":
+                        parts += [b'"stage":', ev.dumps(self.metric_stage.get(name, "train")), b","]
+                    for j, (col, packed) in enumerate(zip(columns, s.values_packed(len(columns)))):
+                        parts += [b',"' if j else b'"', col.encode("ascii"), b'":"', packed, b'"']
+                    parts.append(b"}")
+                parts.append(b"}")
+            parts.append(b"}")
             return b"".join(parts)
         lr = b",".join(ev.dumps(tag) + b":" + s.values_json() for tag, s in self.lr.items())
         metrics = b",".join(
