@@ -21,6 +21,8 @@ import argparse
 import statistics
 import sys
 
+from daemon_bench import _median_interval as median_interval  # the same interval bench 1b prints
+
 from fts_daemon import events as ev
 from fts_daemon.history import read_events
 
@@ -67,9 +69,7 @@ def main() -> int:
         if len(ratios) < 5:
             print(f"  {length:5.2f} s windows: too few comparisons ({len(ratios)})")
             continue
-        half = 0.98 * len(ratios) ** 0.5
-        low = ratios[max(0, int(len(ratios) / 2 - half))]
-        high = ratios[min(len(ratios) - 1, int(len(ratios) / 2 + half))]
+        low, high = median_interval(ratios)
         spread = statistics.median(abs(r - 1) for r in ratios)
         print(f"  {length:5.2f} s windows: {len(ratios):4d} comparisons, median {statistics.median(ratios):.3f}, "
               f"95% interval {low:.3f}-{high:.3f} (±{(high - low) / 2:.1%}); a window deviates from its "
