@@ -24,8 +24,12 @@ host's drift moves both figures; the short neighbouring spans below cancel it).
   test callback adds 5 ``log`` events per step so that they do on a slow machine too), it sees the ``seq`` gap,
   snapshots again, and at the end its rebuilt state equals ``events.jsonl`` exactly. For that comparison the daemon
   keeps every point (``--history``), so this run is paced (2 ms sleep per step, 3 LR groups in phase 2) to keep the
-  full-history snapshot under the protocol's 4 MiB frame limit. The freeze is compared with the 10 s before and
-  after it, and training must never pause for it.
+  full-history snapshot under the protocol's 4 MiB frame limit. The freeze is compared with the 30 s before and
+  after it, and training must never pause for it. One process's speed moves by 5-10% between such windows on a
+  shared VM, so a *twin* run of the same config trains beside it, followed by a subscriber that is never stopped:
+  the host moves both alike, and the freeze's effect is the stalled run's during/sides ratio over the twin's. With
+  nothing frozen, that ratio of ratios deviated from 1 by a median 0.6-0.8% and at most 3.3%, where one run alone
+  deviated by 6-11% (``bench/twin_noise.py``, two recordings).
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ SETTLE_S = 0.02
 # what a churn cycle does (see the module docstring): "follow" is the test; "none" measures the method's own noise
 CHURN_CLIENT = os.environ.get("FTS_CHURN_CLIENT", "follow")
 STALL_S = 60.0
-SIDE_S = 10.0
+SIDE_S = 30.0
 
 
 def schedule() -> dict[int, dict[str, Any]]:
@@ -290,82 +294,113 @@ def stall_config(directory: Path) -> Path:
     return cfg
 
 
-def test_stalled_subscriber_is_detected_and_resyncs_exactly(setup: dict[str, Any]) -> None:
-    base, env = setup["base"], setup["env"]
-    proc = DaemonProcess.start("stall", base / "stall", env, config=stall_config(base / "cfg-stall"),
-                               extra=["--history", "10000000"])
-    out = base / "subscriber.json"
-    sub = None
-    try:
-        rec = proc.record()
-        with Control(rec.ctl, timeout=20) as ctl:
-            wait_for(lambda: (ctl.request("hello")["step"] or 0) >= PHASE2_STEP, timeout=180, interval=0.05)
-            sub = subprocess.Popen([sys.executable, "-m", "tests.reliability_subscriber", rec.pub, rec.ctl, str(out)],
-                                   cwd=REPO, env=env)
-            wait_for(lambda: out.with_suffix(".ready").exists(), timeout=60)
-            io = [ctl.request("hello")["stats"]]  # the I/O thread's CPU time and events sent, at each mark
-            m_before = Mark(proc.pid)
-            time.sleep(SIDE_S)
-            io.append(ctl.request("hello")["stats"])
-            m_stop = Mark(proc.pid)
-            sub.send_signal(signal.SIGSTOP)
-            time.sleep(STALL_S)
-            io.append(ctl.request("hello")["stats"])
-            m_cont = Mark(proc.pid)
-            sub.send_signal(signal.SIGCONT)
-            time.sleep(SIDE_S)
-            io.append(ctl.request("hello")["stats"])
-            m_end = Mark(proc.pid)
-            ctl.request("stop")
-        assert proc.wait(120) == 0
-        assert sub.wait(120) == 0
-    finally:
-        if sub is not None and sub.poll() is None:
-            sub.send_signal(signal.SIGCONT)
-            sub.kill()
-        proc.ensure_dead()
-    events = read_event_file(base / "stall" / "events.jsonl").events
-    state = json.loads(out.read_text())
-    (before, before_cpu), (during, during_cpu), (after, after_cpu) = (
-        window_rate(events, m_before, m_stop), window_rate(events, m_stop, m_cont), window_rate(events, m_cont, m_end))
-    frozen_ts = [e.ts for e in events if e.kind == ev.LR and m_stop.t <= e.ts <= m_cont.t]
-    longest_pause = max(b - a for a, b in zip(frozen_ts, frozen_ts[1:]))
-    # the rebuilt state equals the durable record exactly
+def rebuilt_equals_record(state: dict[str, Any], events: list[ev.Event]) -> tuple[bool, int]:
+    """Whether a subscriber's rebuilt state equals ``events.jsonl`` exactly; and the number of LR points."""
     durable: dict[str, dict[str, float]] = {}
+    edits = {}
     for e in events:
         if e.kind == ev.LR:
             for tag, value in e.data["lrs"].items():
                 durable.setdefault(tag, {})[str(e.step)] = value
-    edits = {}
-    for e in events:
-        if e.kind == ev.EDIT and e.data["edit"].get("id"):
+        elif e.kind == ev.EDIT and e.data["edit"].get("id"):
             edits[str(e.data["edit"]["id"])] = e.data["edit"]["status"]
     transitions = [e.data["to"] for e in events if e.kind == ev.TRANSITION]
     exact = (state["lr"] == durable and state["edits"] == edits and state["transitions"] == transitions
              and state["state"] == "finished" and state["seq"] == events[-1].seq)
+    return exact, sum(len(v) for v in durable.values())
+
+
+def test_stalled_subscriber_is_detected_and_resyncs_exactly(setup: dict[str, Any]) -> None:
+    base, env = setup["base"], setup["env"]
+    cfg = stall_config(base / "cfg-stall")
+    # "stall" has its subscriber frozen; "twin", the same run started beside it, keeps its subscriber reading (see
+    # the module docstring)
+    names = ("stall", "twin")
+    procs = {n: DaemonProcess.start(n, base / n, env, config=cfg, extra=["--history", "10000000"]) for n in names}
+    outs = {n: base / f"{n}-subscriber.json" for n in names}
+    subs: dict[str, subprocess.Popen] = {}
+    marks: dict[str, list[Mark]] = {n: [] for n in names}
+    io: list[dict[str, Any]] = []  # the stall daemon's I/O thread's CPU time and events sent, at each mark
+    try:
+        recs = {n: procs[n].record() for n in names}
+        with Control(recs["stall"].ctl, timeout=20) as ctl, Control(recs["twin"].ctl, timeout=20) as twin_ctl:
+            controls = {"stall": ctl, "twin": twin_ctl}
+            for n in names:
+                wait_for(lambda n=n: (controls[n].request("hello")["step"] or 0) >= PHASE2_STEP, timeout=180,
+                         interval=0.05)
+            for n in names:
+                subs[n] = subprocess.Popen(
+                    [sys.executable, "-m", "tests.reliability_subscriber", recs[n].pub, recs[n].ctl, str(outs[n])],
+                    cwd=REPO, env=env)
+            for n in names:
+                wait_for(lambda n=n: outs[n].with_suffix(".ready").exists(), timeout=60)
+
+            def mark() -> None:
+                io.append(ctl.request("hello")["stats"])
+                for n in names:
+                    marks[n].append(Mark(procs[n].pid))
+
+            mark()
+            time.sleep(SIDE_S)
+            mark()
+            subs["stall"].send_signal(signal.SIGSTOP)
+            time.sleep(STALL_S)
+            mark()
+            subs["stall"].send_signal(signal.SIGCONT)
+            time.sleep(SIDE_S)
+            mark()
+            for n in names:
+                controls[n].request("stop")
+        for n in names:
+            assert procs[n].wait(120) == 0
+            assert subs[n].wait(120) == 0
+    finally:
+        for sub in subs.values():
+            if sub.poll() is None:
+                sub.send_signal(signal.SIGCONT)
+                sub.kill()
+        for proc in procs.values():
+            proc.ensure_dead()
+    events = {n: read_event_file(base / n / "events.jsonl").events for n in names}
+    # (steps/s, steps per CPU-second) before, during and after the freeze, for each run
+    rates = {n: [window_rate(events[n], a, b) for a, b in zip(marks[n], marks[n][1:])] for n in names}
+    (before, before_cpu), (during, during_cpu), (after, after_cpu) = rates["stall"]
+    sides = statistics.mean([before, after])
+    twin_sides = statistics.mean([rates["twin"][0][0], rates["twin"][2][0]])
+    vs_twin = (during / sides) / (rates["twin"][1][0] / twin_sides)
+    m_before, m_stop, m_cont, m_end = marks["stall"]
+    frozen_ts = [e.ts for e in events["stall"] if e.kind == ev.LR and m_stop.t <= e.ts <= m_cont.t]
+    longest_pause = max(b - a for a, b in zip(frozen_ts, frozen_ts[1:]))
+    state = json.loads(outs["stall"].read_text())
+    exact, points = rebuilt_equals_record(state, events["stall"])
+    twin_exact, _ = rebuilt_equals_record(json.loads(outs["twin"].read_text()), events["twin"])
     resync_delay = min((t for t in state["resyncs"] if t > m_cont.t), default=float("nan")) - m_cont.t
     # what the bus did per event sent, before / during / after the freeze: a frozen peer must cost it nothing more
     # (its PUB pipe fills up, then sends to it are dropped); unlike steps/s, not moved by the client's own CPU
     io_us = [(b["io_cpu_s"] - a["io_cpu_s"]) / max(1, b["published"] - a["published"]) * 1e6 for a, b in zip(io, io[1:])]
     figure("stalled-subscriber",
-           f"SIGSTOP {STALL_S:.0f}s: the daemon's I/O thread {io_us[0]:.0f} / {io_us[1]:.0f} / {io_us[2]:.0f} us of "
-           f"CPU per event sent before / during / after the freeze, all its threads but training's "
+           f"SIGSTOP {STALL_S:.0f}s: steps/s during the freeze / the {SIDE_S:.0f}s before and after it "
+           f"= {during / sides:.3f}, relative to the same ratio of a twin run beside it whose subscriber kept reading "
+           f"= {vs_twin:.3f} (goal >= 0.98; alone: / before {during / before:.3f}, / after {during / after:.3f}, "
+           f"twin {rates['twin'][1][0] / twin_sides:.3f}; {during:.0f}, {before:.0f}, {after:.0f} steps/s); "
+           f"steps per CPU-second of the daemon during / before = {during_cpu / before_cpu:.3f}, / after = "
+           f"{during_cpu / after_cpu:.3f}; the daemon's I/O thread {io_us[0]:.0f} / {io_us[1]:.0f} / {io_us[2]:.0f} "
+           f"us of CPU per event sent before / during / after, all its threads but training's "
            f"{m_before.background_per_s(m_stop):.1%} / {m_stop.background_per_s(m_cont):.1%} / "
            f"{m_cont.background_per_s(m_end):.1%} of a core; "
-           f"steps/s during the freeze / the {SIDE_S:.0f}s before = {during / before:.3f}, "
-           f"/ the {SIDE_S:.0f}s after = {during / after:.3f} (goal >= 0.98; {during:.0f}, {before:.0f}, {after:.0f} "
-           f"steps/s); steps per CPU-second of the daemon during / before = {during_cpu / before_cpu:.3f}, / after = "
-           f"{during_cpu / after_cpu:.3f}; longest pause between steps while frozen {longest_pause * 1000:.0f} ms; "
+           f"longest pause between steps while frozen {longest_pause * 1000:.0f} ms; "
            f"gaps detected {state['gaps']}, snapshots {state['snapshots']}, resynced {resync_delay:.2f}s after "
-           f"SIGCONT; rebuilt state {'equals' if exact else 'DIFFERS from'} events.jsonl "
-           f"({sum(len(v) for v in durable.values())} LR points)",
-           during_vs_before=during / before, during_vs_after=during / after, gaps=state["gaps"],
-           cpu_during_vs_before=during_cpu / before_cpu, io_us_per_event=io_us)
+           f"SIGCONT; rebuilt state {'equals' if exact else 'DIFFERS from'} events.jsonl ({points} LR points; the "
+           f"twin's subscriber: {'equal' if twin_exact else 'DIFFERS'})",
+           during_vs_sides=during / sides, during_vs_twin=vs_twin, during_vs_before=during / before,
+           during_vs_after=during / after, gaps=state["gaps"], cpu_during_vs_before=during_cpu / before_cpu,
+           io_us_per_event=io_us)
     assert state["gaps"] >= 1 and state["snapshots"] >= 2
     assert io_us[1] < 2 * io_us[0] + 20, io_us  # gross regressions only (a send retried, a spin): the VM moves it ±30%
-    assert exact
-    # goal: 2% of wall-clock steps/s, which other load on a shared 2-core machine moves by more over 10 s windows
-    # (see the churn test); asserted: no gross slowdown, and training never waits for the frozen subscriber
-    assert during / statistics.mean([before, after]) >= 0.7
+    assert exact and twin_exact
+    # goal: 2% of wall-clock steps/s. Against the twin the method's noise is about ±1-3% (other load on the 2 cores
+    # moves the two runs not quite alike): the bound catches gross slowdowns, the figure says how close this run came
+    assert vs_twin >= 0.9
+    assert during / sides >= 0.7
     assert not during_cpu / statistics.mean([before_cpu, after_cpu]) < 0.8  # NaN (no /proc): not measured
     assert longest_pause < 2.0
