@@ -21,6 +21,7 @@
     python bench/daemon_bench.py              # everything (about 15 minutes on 2 cores)
     python bench/daemon_bench.py --skip events,bus,pairs   # 1b. only (about 5 minutes)
     python bench/daemon_bench.py --skip events,bus,pairs --no-subscriber   # 1b. without the subscriber process
+    python bench/daemon_bench.py --skip events,bus,pairs --no-subscriber --hooks-only   # 1b. the tap's hooks alone
     python bench/daemon_bench.py --quick      # fewer pairs and rates
     python bench/daemon_bench.py --sizes large --threads 1   # torch on one core, the daemon's threads on the other
     python bench/daemon_bench.py --json out.json
@@ -489,6 +490,20 @@ def windows(
     return out
 
 
+def drop_lossy_events() -> None:
+    """Make ``EventBus.publish`` drop ``lr`` and ``metric`` events on arrival (the tap still reads the LRs and
+    metrics and calls it): the I/O thread then has nothing to encode, send or record for them."""
+    from fts_daemon.bus import LOSSY_KINDS
+
+    publish = EventBus.publish
+
+    def hooks_only(self: EventBus, kind: str, data: dict[str, Any], step: int | None = None,
+                   epoch: int | None = None) -> bool:
+        return True if kind in LOSSY_KINDS else publish(self, kind, data, step, epoch)
+
+    EventBus.publish = hooks_only  # type: ignore[method-assign]
+
+
 # --------------------------------------------------------------------------------------------- main
 
 
@@ -510,6 +525,9 @@ def main() -> int:
                         help="1b. windows this many times longer (and their untimed start too)")
     parser.add_argument("--no-subscriber", action="store_true",
                         help="1b. without the subscriber process (what the daemon's own threads cost)")
+    parser.add_argument("--hooks-only", action="store_true",
+                        help="1b. with lr and metric events dropped as EventBus.publish receives them: what the tap's "
+                        "hooks cost the training thread by themselves (use with --no-subscriber)")
     parser.add_argument("--batch-ms", type=float, help="the daemon's shortest time between two batches of events "
                         "(StartOptions.batch_ms, default 100)")
     parser.add_argument("--json", help="also write the results here")
@@ -531,6 +549,8 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     if args.batch_ms is not None:
         DAEMON_OPTIONS["batch_ms"] = args.batch_ms
+    if args.hooks_only:
+        drop_lossy_events()
     pairs = args.pairs or (3 if args.quick else 8)
     results: dict[str, Any] = {}
 
@@ -567,8 +587,11 @@ def main() -> int:
                   f"training thread +{extra:.0f} us/step CPU; I/O thread CPU {100 * r['io_thread_cpu_share']:.1f}% of "
                   f"the run's time; subscriber lost {r['subscriber_lost']} events")
     if args.windows:
-        print("1b. the event stream's per-step cost within one daemon run: windows with the stream on vs off (the "
-              "subscriber live throughout)", flush=True)
+        how = "no subscriber" if args.no_subscriber else "the subscriber live throughout"
+        if args.hooks_only:
+            how += "; lr and metric events dropped as publish receives them: the tap's hooks alone"
+        print(f"1b. the event stream's per-step cost within one daemon run: windows with the stream on vs off ({how})",
+              flush=True)
         # (steps per window, untimed steps at its start): windows of ~0.4-0.7 s on this VM, the first third untimed,
         # which must outlast a batch (batch_ms, 100) and the subscriber's backlog: ~130, 130 and 240 ms
         results["windows"] = windows(args.sizes.split(","), args.windows, epochs=3 if args.quick else 6,
