@@ -364,10 +364,16 @@ def test_stalled_subscriber_is_detected_and_resyncs_exactly(setup: dict[str, Any
     events = {n: read_event_file(base / n / "events.jsonl").events for n in names}
     # (steps/s, steps per CPU-second) before, during and after the freeze, for each run
     rates = {n: [window_rate(events[n], a, b) for a, b in zip(marks[n], marks[n][1:])] for n in names}
-    (before, before_cpu), (during, during_cpu), (after, after_cpu) = rates["stall"]
+    (before, _), (during, _), (after, _) = rates["stall"]
+
+    def during_vs_sides(n: str, i: int) -> float:
+        """Run ``n``'s figure ``i`` (0: steps/s, 1: steps per CPU-second) during the freeze / the mean of the sides."""
+        return rates[n][1][i] / statistics.mean([rates[n][0][i], rates[n][2][i]])
+
     sides = statistics.mean([before, after])
-    twin_sides = statistics.mean([rates["twin"][0][0], rates["twin"][2][0]])
-    vs_twin = (during / sides) / (rates["twin"][1][0] / twin_sides)
+    vs_twin = during_vs_sides("stall", 0) / during_vs_sides("twin", 0)
+    # the VM's CPU accounting moves with the host too (a CPU-second buys fewer steps when the host is busy)
+    cpu_vs_twin = during_vs_sides("stall", 1) / during_vs_sides("twin", 1)
     m_before, m_stop, m_cont, m_end = marks["stall"]
     frozen_ts = [e.ts for e in events["stall"] if e.kind == ev.LR and m_stop.t <= e.ts <= m_cont.t]
     longest_pause = max(b - a for a, b in zip(frozen_ts, frozen_ts[1:]))
@@ -382,9 +388,9 @@ def test_stalled_subscriber_is_detected_and_resyncs_exactly(setup: dict[str, Any
            f"SIGSTOP {STALL_S:.0f}s: steps/s during the freeze / the {SIDE_S:.0f}s before and after it "
            f"= {during / sides:.3f}, relative to the same ratio of a twin run beside it whose subscriber kept reading "
            f"= {vs_twin:.3f} (goal >= 0.98; alone: / before {during / before:.3f}, / after {during / after:.3f}, "
-           f"twin {rates['twin'][1][0] / twin_sides:.3f}; {during:.0f}, {before:.0f}, {after:.0f} steps/s); "
-           f"steps per CPU-second of the daemon during / before = {during_cpu / before_cpu:.3f}, / after = "
-           f"{during_cpu / after_cpu:.3f}; the daemon's I/O thread {io_us[0]:.0f} / {io_us[1]:.0f} / {io_us[2]:.0f} "
+           f"twin {during_vs_sides('twin', 0):.3f}; {during:.0f}, {before:.0f}, {after:.0f} steps/s); "
+           f"steps per CPU-second of the daemon during / sides = {during_vs_sides('stall', 1):.3f}, relative to the "
+           f"twin's = {cpu_vs_twin:.3f}; the daemon's I/O thread {io_us[0]:.0f} / {io_us[1]:.0f} / {io_us[2]:.0f} "
            f"us of CPU per event sent before / during / after, all its threads but training's "
            f"{m_before.background_per_s(m_stop):.1%} / {m_stop.background_per_s(m_cont):.1%} / "
            f"{m_cont.background_per_s(m_end):.1%} of a core; "
@@ -393,7 +399,7 @@ def test_stalled_subscriber_is_detected_and_resyncs_exactly(setup: dict[str, Any
            f"SIGCONT; rebuilt state {'equals' if exact else 'DIFFERS from'} events.jsonl ({points} LR points; the "
            f"twin's subscriber: {'equal' if twin_exact else 'DIFFERS'})",
            during_vs_sides=during / sides, during_vs_twin=vs_twin, during_vs_before=during / before,
-           during_vs_after=during / after, gaps=state["gaps"], cpu_during_vs_before=during_cpu / before_cpu,
+           during_vs_after=during / after, gaps=state["gaps"], cpu_during_vs_twin=cpu_vs_twin,
            io_us_per_event=io_us)
     assert state["gaps"] >= 1 and state["snapshots"] >= 2
     assert io_us[1] < 2 * io_us[0] + 20, io_us  # gross regressions only (a send retried, a spin): the VM moves it ±30%
@@ -402,5 +408,5 @@ def test_stalled_subscriber_is_detected_and_resyncs_exactly(setup: dict[str, Any
     # moves the two runs not quite alike): the bound catches gross slowdowns, the figure says how close this run came
     assert vs_twin >= 0.9
     assert during / sides >= 0.7
-    assert not during_cpu / statistics.mean([before_cpu, after_cpu]) < 0.8  # NaN (no /proc): not measured
+    assert not cpu_vs_twin < 0.9  # NaN (no /proc): not measured
     assert longest_pause < 2.0
