@@ -10,10 +10,10 @@ figure can show.
     python bench/twin_noise.py                       # record 240 s (about 5 minutes in all), then analyse
     python bench/twin_noise.py --runs RUN_A RUN_B    # run dirs (or events.jsonl) recorded side by side
 
-On the 2-core VM of 2026-12-06, two recordings (200 and 240 s) with the test's 60 s middle and 30 s sides: alone, a
-middle deviated from its sides by a median 5.8% and 10.6% (extremes 0.83 and 1.18); against the twin, by 0.6% and
-0.8% (extremes 0.974 and 1.033). Shorter sides do worse against the twin (10 s: 1.0% and 1.2%, extremes 0.939 and
-1.031).
+On the 2-core VM of 2026-12-06, three recordings (200, 240 and 240 s) with the test's 60 s middle and 30 s sides:
+alone, a middle deviated from its sides by a median 5.8%, 10.6% and 6.7% (extremes 0.83 and 1.18); against the
+twin, by 0.6%, 0.8% and 0.8% (extremes 0.974 and 1.033). Shorter sides do worse against the twin (10 s: 1.0-1.6%,
+extremes 0.939 and 1.061).
 """
 
 from __future__ import annotations

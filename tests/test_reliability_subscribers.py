@@ -29,7 +29,7 @@ host's drift moves both figures; the short neighbouring spans below cancel it).
   shared VM, so a *twin* run of the same config trains beside it, followed by a subscriber that is never stopped:
   the host moves both alike, and the freeze's effect is the stalled run's during/sides ratio over the twin's. With
   nothing frozen, that ratio of ratios deviated from 1 by a median 0.6-0.8% and at most 3.3%, where one run alone
-  deviated by 6-11% (``bench/twin_noise.py``, two recordings).
+  deviated by 6-11% (``bench/twin_noise.py``, three recordings).
 """
 
 from __future__ import annotations
