@@ -593,7 +593,7 @@ class EventBus:
             series = args.get("series", "lists")
             if series not in ev.SERIES_FORMATS:
                 raise OpError(f"snapshot: series must be one of {', '.join(ev.SERIES_FORMATS)}; got {series!r:.40}")
-            return ev.RawJSON(self.history.snapshot_json(self.hello(), None, series))
+            return ev.RawJSON(self.history.snapshot_json(self.hello(), series))
         handler = self._handlers.get(op)
         if handler is None:
             raise OpError(f"op {op!r} is not available in this daemon")

@@ -323,12 +323,10 @@ class RunHistory:
         self._transition_daemons.append(event.daemon)
         self.phase = int(event.data.get("to", self.phase))
 
-    def snapshot_json(
-        self, before: dict[str, Any] | None = None, after: dict[str, Any] | None = None, series: str = "lists"
-    ) -> bytes:
-        """``ev.dumps({**before, **self.snapshot(series), **after})`` with the series encoded incrementally (see
+    def snapshot_json(self, before: dict[str, Any] | None = None, series: str = "lists") -> bytes:
+        """``ev.dumps({**before, **self.snapshot(series)})`` with the series encoded incrementally (see
         :meth:`Downsampler.values_json`): the snapshot reply, which a late subscriber asks for on every attach."""
-        head = ev.dumps({**(before or {}), **self._snapshot_head(), **(after or {})})
+        head = ev.dumps({**(before or {}), **self._snapshot_head()})
         if series == "packed":  # hex digits need no JSON escaping: the columns go in as they are, joined once
             parts = [head[:-1], b',"series":"packed"']
             for key, table, columns in (("lr", self.lr, ev.LR_COLUMNS), ("metrics", self.metrics, ev.METRIC_COLUMNS)):
