@@ -1,10 +1,12 @@
 """The fts cockpit: one screen with the run header, the schedule, LR and metric charts, and the event log.
 
 Data flow: a :class:`~fts_tui.source.Source` (live daemon or replay) runs in an async worker and fills a
-:class:`~fts_tui.state.RunState`; a timer at about 10 Hz asks the state what changed and redraws only those
-panels, inside one ``batch_update``. Nothing redraws per event, so a burst of events costs one frame. The default is
-12 Hz: an event then waits at most 83 ms for its frame, which keeps the p99 display lag under 100 ms with the ~10 ms
-a frame takes to render (bench/tui_bench.py).
+:class:`~fts_tui.state.RunState`. When the source has applied a burst of events it calls ``on_update``; the app then
+asks the state what changed and redraws only those panels, inside one ``batch_update``, ``COALESCE_S`` later (the
+rest of the burst comes meanwhile), or later still if the previous frame is less than ``1/redraw_hz`` old. Nothing
+redraws per event, so a burst costs one frame, and it is on screen a render after it arrived rather than after a
+fixed tick (a daemon sends its events in batches about 100 ms apart: about one frame per batch). A slow tick keeps
+the header's clock moving and serves sources that never call ``on_update``.
 
 Importing this module never imports torch or Lightning (tests check it).
 """
@@ -20,6 +22,7 @@ from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
+from textual.timer import Timer
 from textual.widgets import Footer
 from textual.worker import Worker, WorkerState
 
@@ -30,11 +33,16 @@ from fts_tui.views import default_metrics, header_lines, lr_chart, metric_chart
 from fts_tui.widgets import Chart, EventLog, RunHeader, ScheduleTable
 from fts_tui.widgets.edit_form import EditForm
 
+# how long a frame waits after the first news of a burst, for the rest of it
+COALESCE_S = 0.012
+# the header's clock (connection age, steps/s) and sources without on_update: frames come with data, not ticks
+TICK_S = 0.1
 MAIN_ACTIONS = {"edit_phase", "edits", "toggle_log_y", "toggle_plan", "pick_metrics", "toggle_overlay", "zoom", "help"}
 
 
 class FtsApp(App[None]):
     CSS_PATH = "app.tcss"
+    DEFAULT_REDRAW_HZ = 20.0  # the most frames a second (bursts of events are drawn as they arrive, not on a tick)
     TITLE = "fts-tui"
     BINDINGS = [
         Binding("e", "edit_phase", "Edit phase"),
@@ -48,7 +56,7 @@ class FtsApp(App[None]):
         Binding("q", "quit", "Quit"),
     ]
 
-    def __init__(self, source: Source, *, clock: Callable[[], float] = time.monotonic, redraw_hz: float = 12.0) -> None:
+    def __init__(self, source: Source, *, clock: Callable[[], float] = time.monotonic, redraw_hz: float = DEFAULT_REDRAW_HZ) -> None:
         super().__init__()
         self.source = source
         self.clock = clock
@@ -57,7 +65,9 @@ class FtsApp(App[None]):
         self.show_plan = True
         self.overlay = False
         self.metric_names: list[str] | None = None  # None: the defaults, until the user chooses
-        self.frames = 0  # redraw ticks that changed something (the bench reads it)
+        self.frames = 0  # redraws that changed something (the bench reads it)
+        self._frame_at = -1e9  # time.monotonic() of the last redraw that changed something
+        self._frame_timer: Timer | None = None  # a redraw scheduled by data_arrived, not yet run
         self.after_redraw: Callable[[FtsApp], None] | None = None  # bench hook
 
     @property
@@ -86,8 +96,12 @@ class FtsApp(App[None]):
         self.schedule.border_title = "schedule"
         self.event_log.border_title = "events"
         self._titles()
+        try:  # a source that can say when a burst of events has been applied gets its frame at once
+            self.source.on_update = self.data_arrived
+        except AttributeError:
+            pass
         self.run_worker(self.source.run(), name="source", group="source", exclusive=True, exit_on_error=False)
-        self.set_interval(self.redraw_interval, self.redraw)
+        self.set_interval(max(self.redraw_interval, TICK_S), self._tick)
         self.redraw()
         self.schedule.focus()
 
@@ -114,8 +128,29 @@ class FtsApp(App[None]):
 
     # ------------------------------------------------------------------------------------------------ redraw
 
+    def data_arrived(self) -> None:
+        """The source applied a burst of events: draw them now, or as soon as the frame rate allows."""
+        if self._frame_timer is not None:
+            return  # a frame is already on its way and will show these too
+        # a daemon's batch arrives in pieces a few ms apart (its I/O thread shares the GIL with training): wait
+        # COALESCE_S so that one frame shows the whole batch
+        delay = max(COALESCE_S, self._frame_at + self.redraw_interval - time.monotonic())
+        self._frame_timer = self.set_timer(delay, self._scheduled_frame)
+
+    def _scheduled_frame(self) -> None:
+        self._frame_timer = None
+        self.redraw()
+
+    def _tick(self) -> None:
+        """The header's clock (connection age, rates) every tick; the panels only when no frame drew them lately
+        (a source without ``on_update``, or changes that did not come as events)."""
+        if self._frame_timer is None and time.monotonic() - self._frame_at >= self.redraw_interval:
+            self.redraw()
+        else:
+            self.header.show(header_lines(self.state, self.clock(), self.source.label))
+
     def redraw(self, dirty: Iterable[str] | None = None) -> None:
-        """Timer tick: redraw the panels whose data changed since the last tick."""
+        """Redraw the panels whose data changed since the last redraw (and those named in ``dirty``)."""
         state = self.state
         changed = state.take_dirty() | set(dirty or ())
         with self.batch_update():
@@ -136,6 +171,7 @@ class FtsApp(App[None]):
                     update(state, changed)
         if changed:
             self.frames += 1
+            self._frame_at = time.monotonic()  # frame pacing is real time, whatever clock the header shows
         if self.after_redraw is not None:
             self.after_redraw(self)
 

@@ -29,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     replay = sub.add_parser("replay", help="open a finished (or crashed) run, read-only")
     replay.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (or its events.jsonl)")
     for p in (attach, replay):
-        p.add_argument("--redraw-hz", type=float, default=12.0, help="screen updates per second (default 12)")
+        p.add_argument("--redraw-hz", type=float, default=None,
+                       help="the most screen updates per second (default 20; bursts of events are drawn as they come)")
     return parser
 
 
@@ -37,6 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from fts_tui.app import FtsApp
 
+    redraw_hz = args.redraw_hz if args.redraw_hz is not None else FtsApp.DEFAULT_REDRAW_HZ
     if args.command == "replay":
         from fts_tui.source import ReplaySource
 
@@ -46,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (FileNotFoundError, IsADirectoryError, PermissionError) as err:
             print(f"fts-tui: {err}", file=sys.stderr)
             return 2
-        FtsApp(source, redraw_hz=args.redraw_hz).run()
+        FtsApp(source, redraw_hz=redraw_hz).run()
         return 0
 
     from fts_tui.client import LiveSource, ResolveError, resolve_target
@@ -56,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ResolveError as err:
         print(f"fts-tui: {err}", file=sys.stderr)
         return 2
-    FtsApp(LiveSource(target, request_timeout=args.timeout), redraw_hz=args.redraw_hz).run()
+    FtsApp(LiveSource(target, request_timeout=args.timeout), redraw_hz=redraw_hz).run()
     return 0
 
 

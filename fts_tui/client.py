@@ -34,6 +34,9 @@ from fts_daemon import events as ev
 from fts_tui.source import DEFAULT_SCHEDULERS, RequestError
 from fts_tui.state import RunState, plan_args
 
+# while events keep arriving faster than they are applied, the app is still told this often that there is news
+UPDATE_EVERY_S = 0.05
+
 
 class ResolveError(ValueError):
     """``attach``'s target cannot be turned into endpoints (one line)."""
@@ -163,6 +166,8 @@ class LiveSource:
         self.snapshots = 0  # snapshots applied (tests read it)
         self.snapshot_series = ""  # how the last one carried its series: "lists" or "packed"
         self.label = target.describe()
+        self.on_update: Callable[[], None] | None = None  # see Source
+        self._updated_at = -1e9  # time.monotonic() of the last on_update call
 
     # ------------------------------------------------------------------------------------------------ sockets
 
@@ -341,6 +346,7 @@ class LiveSource:
             note = f"resynchronized at seq {self.state.last_seq}" + (f" ({reason})" if reason else "")
             self.state.add_log("warning", "connection", note, time.time())
         self.state.set_connection("live")
+        self._updated()
         return True
 
     async def _follow(self) -> None:
@@ -355,7 +361,11 @@ class LiveSource:
                     return
             self._maybe_plan()
             if await sub.poll(200, zmq.POLLIN):
-                self._drain()
+                emptied = self._drain()
+                # the app draws what has arrived once the socket ran dry; while a stream never lets it, every
+                # UPDATE_EVERY_S
+                if emptied or time.monotonic() - self._updated_at >= UPDATE_EVERY_S:
+                    self._updated()
                 await asyncio.sleep(0)  # let the UI breathe between bursts
                 continue
             silent = self.clock() - (self.state.last_heard or self.clock())
@@ -368,15 +378,23 @@ class LiveSource:
                 self._close_dealer()
                 return
 
-    def _drain(self, budget_s: float = 0.01) -> None:
-        """Apply what the SUB socket holds, for at most ``budget_s`` (then the UI gets the loop back)."""
+    def _updated(self, now: float | None = None) -> None:
+        self._updated_at = time.monotonic() if now is None else now
+        if self.on_update is not None:
+            self.on_update()
+
+    def _drain(self, budget_s: float = 0.01) -> bool:
+        """Apply what the SUB socket holds, for at most ``budget_s`` (then the UI gets the loop back); True if the
+        socket ran dry."""
         state, sub = self.state, self._sub_sync
         assert sub is not None
+        emptied = False
         deadline = time.perf_counter() + budget_s
         while time.perf_counter() < deadline:
             try:
                 frames = sub.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
+                emptied = True
                 break
             state.last_heard = self.clock()
             try:
@@ -389,6 +407,7 @@ class LiveSource:
                 break
         if state.connection != "live" and not state.needs_resync:
             state.set_connection("live")
+        return emptied
 
     # ------------------------------------------------------------------------------------------------ plans
 

@@ -1,7 +1,8 @@
 """Where the app's run state comes from: a live daemon (:mod:`fts_tui.client`) or a recording (replay).
 
 The app only knows this interface: a :class:`~fts_tui.state.RunState` that the source keeps filled, an async
-``run()`` it starts in a worker, and ``request()`` for control ops (edits, plans). Tests plug in their own.
+``run()`` it starts in a worker, ``request()`` for control ops (edits, plans), and ``on_update``, which the app sets
+and the source calls once it has applied a burst of events (so the burst is drawn at once). Tests plug in their own.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class Source(Protocol):
     state: RunState
     label: str  # where the data comes from, for the header
     read_only: bool
+    # set by the app; called (on the app's event loop) after a burst of events has been applied
+    on_update: Callable[[], None] | None
 
     async def run(self) -> None:
         """Keep ``state`` up to date until cancelled."""
@@ -60,6 +63,7 @@ class ReplaySource:
         self.state = state or RunState(tolerant=True)
         self.report: ReplayReport | None = None
         self.label = str(self.target)
+        self.on_update: Callable[[], None] | None = None
 
     def load(self) -> ReplayReport:
         if self.report is None:
@@ -84,6 +88,8 @@ class ReplaySource:
 
     async def run(self) -> None:
         self.load()
+        if self.on_update is not None:
+            self.on_update()
 
     async def request(self, op: str, timeout: float | None = None, **args: Any) -> Any:
         raise RequestError("a replay is read-only")
@@ -107,11 +113,14 @@ class MemorySource:
         self.label = label
         self.read_only = handler is None
         self.requests: list[tuple[str, dict[str, Any]]] = []
+        self.on_update: Callable[[], None] | None = None
         self.state.set_connection("live")
 
     def feed(self, events: Iterable[Event | dict[str, Any]]) -> None:
         for event in events:
             self.state.apply(event)
+        if self.on_update is not None:
+            self.on_update()
 
     async def run(self) -> None:
         await asyncio.Event().wait()  # nothing arrives by itself; tests call feed()

@@ -1,7 +1,8 @@
 """The run as the TUI knows it: a pure model fed by a snapshot plus events (no Textual, no sockets).
 
 Everything the screens show is derived from :class:`RunState`. The live client and the replay reader both feed
-it; the app reads it from a timer (about 10 Hz) and redraws only the parts named in :meth:`RunState.take_dirty`.
+it; the app reads it when a source says a burst was applied (and on a slow tick) and redraws only the parts named
+in :meth:`RunState.take_dirty`.
 History is bounded: LR and metric series are :class:`~fts_tui.series.Series` (fixed storage, min/max decimated),
 the event log is a ``deque`` with a limit, so memory does not grow with the length of a run.
 

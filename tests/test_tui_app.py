@@ -346,3 +346,26 @@ async def test_mouse_selects_phases_and_focuses_panels() -> None:
         await pilot.pause()
         await pilot.click("#metric-chart")
         assert app.focused is app.query_one("#metric-chart")
+
+
+@pytest.mark.asyncio
+async def test_a_burst_is_drawn_when_it_arrives_and_frames_keep_their_pace() -> None:
+    # one frame a second at most, and a tick as slow: a burst drawn within 0.2 s was drawn because it arrived
+    source = MemorySource(label="burst")
+    source.feed(build_run()[:300])
+    app = FtsApp(source, redraw_hz=1.0)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause(1.2)  # the first frame is old enough for the next one
+        chart = app.query_one("#lr-chart", Chart)
+        before = chart.builds
+        source.feed(build_run()[300:400])
+        await pilot.pause(0.2)
+        assert chart.builds == before + 1
+        assert f"step {source.state.step}" in app.query_one(RunHeader).plain  # the same frame's header
+        # a second burst right after waits for the frame rate: one frame a second, however many bursts
+        source.feed(build_run()[400:450])
+        await pilot.pause(0.2)
+        assert chart.builds == before + 1
+        source.feed(build_run()[450:500])
+        await pilot.pause(1.0)
+        assert chart.builds == before + 2

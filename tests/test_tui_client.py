@@ -243,3 +243,18 @@ def test_packed_snapshots_only_from_a_daemon_that_offers_them() -> None:
     assert snapshot_args({"snapshot_series": ["lists", "packed"]}) == {"series": "packed"}
     for hello in ({}, {"snapshot_series": ["lists"]}, {"snapshot_series": "packed"}, {"snapshot_series": None}):
         assert snapshot_args(hello) == {}  # a daemon from before packed series, or a malformed hello: lists
+
+
+@pytest.mark.asyncio
+async def test_the_app_hears_of_each_burst_once_it_is_applied(bus: EventBus) -> None:
+    publish(bus, EVENTS[:100])
+    await until(lambda: bus.seq >= 100)
+    source = LiveSource(Target(ctl=bus.endpoints[1]), heartbeat_timeout=2.0)
+    seen: list[int] = []  # the state's seq each time the source says there is something to draw
+    source.on_update = lambda: seen.append(source.state.last_seq)
+    async with following(source):
+        await until(lambda: bool(seen))
+        assert seen[0] >= 100  # the snapshot
+        publish(bus, EVENTS[100:200])
+        await until(lambda: seen[-1] == bus.seq)  # the burst, whole, before the app was told
+        assert len(seen) < 1 + 100  # not once per event

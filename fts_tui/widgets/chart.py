@@ -9,7 +9,7 @@ from rich.style import Style
 from textual.strip import Strip
 from textual.widget import Widget
 
-from fts_tui.plot import ChartSpec, Run, legend_rows, render_chart
+from fts_tui.plot import ChartSpec, legend_rows, render_chart
 from fts_tui.views import LegendEntry
 
 
@@ -47,17 +47,24 @@ class Chart(Widget, can_focus=True):
         self._rows = None
         self.refresh()
 
-    def _strip(self, runs: list[Run], width: int) -> Strip:
-        base = self.rich_style
-        segments = [Segment(text, base + _style(style)) for text, style in runs]
-        return Strip(segments).adjust_cell_length(width, base)
-
     def _build(self) -> list[Strip]:
         width, height = self.size
         legend = legend_rows([e.as_tuple() for e in self._legend], width, self._legend_max, self._spec.legend_prefix)
         body = render_chart(self._spec, width, max(height - len(legend), 0))
         self.builds += 1
-        return [self._strip(row, width) for row in legend + body]
+        # the widget's style walks the DOM, and a chart holds a few colours over dozens of rows: both once per build
+        base = self.rich_style
+        styles: dict[str, Style] = {}
+        strips = []
+        for row in legend + body:
+            segments = []
+            for text, style in row:
+                combined = styles.get(style)
+                if combined is None:
+                    combined = styles[style] = base + _style(style)
+                segments.append(Segment(text, combined))
+            strips.append(Strip(segments).adjust_cell_length(width, base))
+        return strips
 
     def render_line(self, y: int) -> Strip:
         size = (self.size.width, self.size.height)
