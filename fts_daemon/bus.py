@@ -9,6 +9,9 @@ Threads and ownership:
 * The I/O thread assigns ``seq``, encodes, sends on the PUB socket (non-blocking: ZeroMQ drops at the high-water mark
   for slow subscribers), appends to ``events.jsonl``, folds each event into :class:`RunHistory` (what a snapshot
   returns), answers ROUTER control requests, and sends a heartbeat when nothing else was sent for a while.
+* Ops registered as ``slow`` (the planner's ``plan``: a whole run simulated step by step) run on a worker thread of
+  their own, one at a time, so that the stream, the heartbeat and every other request go on meanwhile; the worker
+  hands its reply back to the I/O thread, which alone sends on the sockets.
 * Wake-ups: the I/O thread sleeps in ``poll`` on the control socket and a pipe. After each batch it lets
   ``batch_ms`` pass before the next (so it, and every subscriber, wakes at most 1000/batch_ms times a second); if
   nothing is queued then, it raises a flag and sleeps until a heartbeat is due. ``publish`` writes one byte to the
@@ -58,6 +61,8 @@ MAX_REQUESTS_PER_TURN = 64
 MAX_EVENTS_PER_TURN = 4096
 # How often buffered lines of events.jsonl are flushed to the file (and on close).
 FLUSH_S = 0.1
+# Slow requests waiting for the worker (beyond the one it is answering) before more are refused as busy.
+MAX_SLOW_PENDING = 4
 
 Handler = Callable[[dict[str, Any]], Any]
 Watcher = Callable[[ev.Event], None]
@@ -203,6 +208,12 @@ class EventBus:
         self._wake_lock = threading.Lock()
         self._wake_r: int | None = None
         self._wake_w: int | None = None
+        # slow ops: requests for the worker thread, and its replies for the I/O thread to send
+        self._slow: set[str] = set()
+        self._slow_jobs: queue.SimpleQueue[tuple[list[bytes], Any, Handler, dict[str, Any]] | None] = queue.SimpleQueue()
+        self._slow_pending = 0  # jobs handed to the worker and not yet answered (I/O thread only)
+        self._slow_replies: queue.SimpleQueue[tuple[list[bytes], bytes]] = queue.SimpleQueue()
+        self._slow_thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------------------------------- any thread
 
@@ -225,14 +236,19 @@ class EventBus:
                 except OSError:  # the pipe is full: the I/O thread has wake-ups pending anyway
                     pass
 
-    def register(self, op: str, handler: Handler, params: tuple[str, ...] = ()) -> None:
+    def register(self, op: str, handler: Handler, params: tuple[str, ...] = (), *, slow: bool = False) -> None:
         """Answer ``op`` with ``handler(args)`` (run on the I/O thread; raise OpError for an error reply).
 
         ``params``: the argument names ``op`` takes; any other argument is refused before the handler runs, so a
-        typo never silently does something else.
+        typo never silently does something else. ``slow``: the handler may take seconds; it runs on the bus's
+        worker thread instead, one request at a time (see the module docstring).
         """
         self._handlers[op] = handler
         self._params[op] = frozenset(params)
+        if slow:
+            self._slow.add(op)
+        else:
+            self._slow.discard(op)
 
     def watch(self, watcher: Watcher, kinds: tuple[str, ...] | None = None) -> None:
         """Call ``watcher(event)`` on the I/O thread after each event of ``kinds`` (None: every kind) is sent (keep
@@ -265,6 +281,8 @@ class EventBus:
         self._wake()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._slow_thread is not None:  # a slow op still running is not waited for (its reply has nowhere to go)
+            self._slow_jobs.put(None)
 
     def _close_wake_pipe(self) -> None:
         with self._wake_lock:
@@ -424,6 +442,8 @@ class EventBus:
                             break
                 if ctl in ready:
                     self._serve(ctl)
+                if self._slow_pending:
+                    self._send_slow_replies(ctl)
                 now = time.monotonic()
                 if now >= next_batch:
                     sent = self._drain()
@@ -558,7 +578,9 @@ class EventBus:
             else:
                 self._reply(ctl, frames[:1], ev.error_reply(None, "expected exactly one JSON frame per request"))
                 continue
-            self._reply(ctl, envelope, self._answer(body))
+            reply = self._answer(body, envelope)
+            if reply is not None:  # None: a slow op, answered by the worker later
+                self._reply(ctl, envelope, reply)
 
     def _reply(self, ctl: zmq.Socket, envelope: list[bytes], body: bytes) -> None:
         try:
@@ -566,20 +588,62 @@ class EventBus:
         except zmq.ZMQError:  # client gone (ROUTER_MANDATORY) or its queue is full: drop the reply
             pass
 
-    def _answer(self, body: bytes) -> bytes:
+    def _answer(self, body: bytes, envelope: list[bytes] | None = None) -> bytes | None:
+        """The reply to a request, or None when a slow op was handed to the worker (which replies later)."""
         req_id: Any = None
         try:
             req_id, op, args = ev.parse_request(body)
+            self._check_args(op, args)
+            if op in self._slow and envelope is not None:
+                self._defer(envelope, req_id, op, args)
+                return None
             return ev.ok_reply(req_id, self._dispatch(op, args))
-        except (ev.ProtocolError, OpError) as err:
-            return ev.error_reply(req_id, str(err))
-        except (ValueError, TypeError, KeyError, RecursionError) as err:  # RecursionError: JSON nested too deeply
-            return ev.error_reply(req_id, f"bad request: {err}")
         except Exception as err:
-            log.exception("fts event bus: control handler failed")
-            return ev.error_reply(req_id, f"internal error: {type(err).__name__}: {err}")
+            return self._error_reply(req_id, err)
 
-    def _dispatch(self, op: str, args: dict[str, Any]) -> Any:
+    @staticmethod
+    def _error_reply(req_id: Any, err: Exception) -> bytes:
+        if isinstance(err, (ev.ProtocolError, OpError)):
+            return ev.error_reply(req_id, str(err))
+        if isinstance(err, (ValueError, TypeError, KeyError, RecursionError)):  # RecursionError: JSON nested too deep
+            return ev.error_reply(req_id, f"bad request: {err}")
+        log.error("fts event bus: control handler failed", exc_info=err)
+        return ev.error_reply(req_id, f"internal error: {type(err).__name__}: {err}")
+
+    def _defer(self, envelope: list[bytes], req_id: Any, op: str, args: dict[str, Any]) -> None:
+        """Hand a slow op to the worker thread (started on first use)."""
+        if self._slow_pending > MAX_SLOW_PENDING:
+            raise OpError(f"busy: {self._slow_pending} slow requests are being answered; ask again later")
+        if self._slow_thread is None:
+            self._slow_thread = threading.Thread(target=self._slow_worker, name=f"fts-ops-{self.config.run}",
+                                                 daemon=True)
+            self._slow_thread.start()
+        self._slow_pending += 1
+        self._slow_jobs.put((envelope, req_id, self._handlers[op], args))
+
+    def _slow_worker(self) -> None:
+        while True:
+            job = self._slow_jobs.get()
+            if job is None:
+                return
+            envelope, req_id, handler, args = job
+            try:
+                reply = ev.ok_reply(req_id, handler(args))
+            except Exception as err:
+                reply = self._error_reply(req_id, err)
+            self._slow_replies.put((envelope, reply))
+            self._wake()
+
+    def _send_slow_replies(self, ctl: zmq.Socket) -> None:
+        while True:
+            try:
+                envelope, reply = self._slow_replies.get_nowait()
+            except queue.Empty:
+                return
+            self._slow_pending -= 1
+            self._reply(ctl, envelope, reply)
+
+    def _check_args(self, op: str, args: dict[str, Any]) -> None:
         params = self._params.get(op)
         if params is None:
             raise OpError(f"op {op!r} is not available in this daemon")
@@ -587,6 +651,9 @@ class EventBus:
         if unknown:
             takes = ", ".join(sorted(params)) or "no arguments"
             raise OpError(f"{op} takes {takes}; unknown argument {unknown[0]!r}")
+
+    def _dispatch(self, op: str, args: dict[str, Any]) -> Any:
+        """The result of a (checked) request answered on the I/O thread."""
         if op == "hello":
             return self.hello()
         if op == "snapshot":

@@ -105,6 +105,23 @@ class Plan:
             "phase_starts": self.phase_starts,
         }
 
+    def sampled(self, max_steps: int) -> tuple[Plan, int]:
+        """At most about ``max_steps`` of the steps, evenly spaced, with each phase's first step and the last step
+        kept (where LRs jump); and the spacing (1: the plan itself). For replies: a long run's plan holds every one
+        of its steps, far more than a chart can show or a client should have to parse."""
+        n = len(self.steps)
+        if n <= max_steps:
+            return self, 1
+        stride = -(-n // max(max_steps, 2))
+        keep = sorted({*range(0, n, stride), n - 1, *(p["step"] for p in self.phase_starts if 0 <= p["step"] < n)})
+        return Plan(
+            steps=[self.steps[i] for i in keep],
+            epochs=[self.epochs[i] for i in keep],
+            phases=[self.phases[i] for i in keep],
+            series={tag: [values[i] for i in keep] for tag, values in self.series.items()},
+            phase_starts=[dict(p) for p in self.phase_starts],
+        ), stride
+
     def group_lrs(self, step_index: int) -> dict[str, float]:
         return {k: v[step_index] for k, v in self.series.items() if v[step_index] is not None}
 
@@ -164,21 +181,32 @@ def plan_run(
                     depth = nxt
                     engine.advance(host, setup.view, depth, pre, None)  # type: ignore[arg-type]
                     plan.phase_starts.append({"phase": depth, "epoch": epoch, "step": step})
-            for batch in range(steps_per_epoch):
-                tags = _tags(host.optimizer, host.lr_configs)
-                for tag, group in zip(tags, host.optimizer.param_groups):
-                    series = plan.series.setdefault(tag, [None] * step)
-                    series.append(float(group["lr"]))
-                for series in plan.series.values():
-                    if len(series) < step + 1:
-                        series.append(None)
-                plan.steps.append(step)
-                plan.epochs.append(epoch)
-                plan.phases.append(depth)
-                step += 1
-                for cfg in host.lr_configs:
-                    if cfg.interval == "step" and not cfg.reduce_on_plateau and (batch + 1) % cfg.frequency == 0:
-                        cfg.scheduler.step()
+            # groups, tags and schedulers change only at a transition (an epoch's start): look them up once an epoch
+            groups = host.optimizer.param_groups
+            columns = []
+            for tag in _tags(host.optimizer, host.lr_configs):
+                series = plan.series.get(tag)
+                if series is None:  # a group new in this phase: no LR before it existed
+                    series = plan.series[tag] = [None] * step
+                columns.append(series)
+            stepped = [cfg for cfg in host.lr_configs if cfg.interval == "step" and not cfg.reduce_on_plateau]
+            if not stepped:  # nothing changes an LR within the epoch: its steps share the epoch's LRs
+                for series, group in zip(columns, groups):
+                    series.extend([float(group["lr"])] * steps_per_epoch)
+            else:
+                for batch in range(steps_per_epoch):
+                    for series, group in zip(columns, groups):
+                        series.append(float(group["lr"]))
+                    for cfg in stepped:
+                        if (batch + 1) % cfg.frequency == 0:
+                            cfg.scheduler.step()
+            step += steps_per_epoch
+            for series in plan.series.values():  # groups a new optimizer no longer has
+                if len(series) < step:
+                    series.extend([None] * (step - len(series)))
+            plan.steps.extend(range(step - steps_per_epoch, step))
+            plan.epochs.extend([epoch] * steps_per_epoch)
+            plan.phases.extend([depth] * steps_per_epoch)
             for cfg in host.lr_configs:
                 if cfg.interval == "epoch" and not cfg.reduce_on_plateau and (epoch + 1) % cfg.frequency == 0:
                     cfg.scheduler.step()

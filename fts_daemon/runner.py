@@ -46,6 +46,8 @@ JOURNAL_FILE = "edits.jsonl"
 EFFECTIVE_SCHEDULE_FILE = "schedule_effective.yaml"
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
+# steps in a `plan` reply unless the request says otherwise (a longer run's plan is sampled; the reply says how)
+PLAN_MAX_STEPS = 20_000
 # Lightning loggers whose records become ``log`` events (the phase-start lines come through rank_zero_info)
 FORWARDED_LOGGERS = ("fts_daemon", "pytorch_lightning")
 # set by rank 0 for the processes Lightning's ddp launcher starts (they run the same command line)
@@ -449,7 +451,8 @@ class Daemon:
         bus.register("cancel_edit", lambda args: self._edit_op(lambda q: q.cancel(args.get("edit_id"))), ("edit_id",))
         bus.register("list_edits", lambda args: {"edits": self._edit_op(
             lambda q: q.list(args.get("phase"), args.get("status")))}, ("phase", "status"))
-        bus.register("plan", self._op_plan, ("phase", "changes", "transition_epochs"))
+        # simulating a long run takes seconds: on the bus's worker thread, so that events and heartbeats go on
+        bus.register("plan", self._op_plan, ("phase", "changes", "transition_epochs", "max_steps"), slow=True)
         bus.register("stop", self._op_stop, ("when",))
         pub_ep, ctl_ep = bus.start()
         self.bus = bus
@@ -503,10 +506,15 @@ class Daemon:
             if not isinstance(transition_epochs, dict):
                 raise OpError("`transition_epochs` must map phase numbers to epochs")
             transition_epochs = {int(k): int(v) for k, v in transition_epochs.items()}
+        max_steps = args.get("max_steps", PLAN_MAX_STEPS)
+        if type(max_steps) is not int or max_steps < 2:
+            raise OpError(f"`max_steps` must be an integer >= 2; got {max_steps!r:.40}")
         try:
-            return fts.plan(schedule=schedule, transition_epochs=transition_epochs).to_dict()
+            plan = fts.plan(schedule=schedule, transition_epochs=transition_epochs)
         except RuntimeError as err:  # e.g. asked before the train loader exists: an answer, not a crash
             raise OpError(str(err)) from None
+        sampled, stride = plan.sampled(max_steps)
+        return {**sampled.to_dict(), "stride": stride, "total_steps": len(plan.steps)}
 
     def _op_stop(self, args: dict[str, Any]) -> Any:
         when = args.get("when", "step")

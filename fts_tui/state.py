@@ -203,6 +203,10 @@ class LogEntry:
     step: int | None = None
 
 
+# the most points per tag a chart draws of a plan (the charts are at most a few hundred braille dots wide)
+PLAN_CHART_POINTS = 1024
+
+
 @dataclass
 class PlanData:
     """The planner's LR trajectory (``plan`` op result)."""
@@ -210,6 +214,20 @@ class PlanData:
     steps: list[float] = field(default_factory=list)
     series: dict[str, list[float]] = field(default_factory=dict)
     phase_starts: list[dict[str, Any]] = field(default_factory=list)
+    _chart: dict[str, tuple[list[float], list[float]]] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def chart_series(self) -> dict[str, tuple[list[float], list[float]]]:
+        """Each tag's ``(steps, lrs)`` min/max-decimated like the live series (at most PLAN_CHART_POINTS points, the
+        missing values left out), computed once: a plan holds every step of the run, and a chart redrawn after each
+        burst of events would otherwise transform all of them every frame."""
+        if self._chart is None:
+            chart = {}
+            for tag, values in self.series.items():
+                series = Series(capacity=PLAN_CHART_POINTS)
+                series.extend(zip(self.steps, values))
+                chart[tag] = series.points()
+            self._chart = chart
+        return self._chart
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PlanData:

@@ -193,11 +193,11 @@ def lr_chart(state: RunState, log_y: bool, show_plan: bool) -> tuple[ChartSpec, 
         legend.append(LegendEntry(tag, colors[tag]))
     plan = state.plan if show_plan else None
     if plan is not None and plan.steps:
-        for tag, values in plan.series.items():
+        for tag, (steps, values) in plan.chart_series().items():
             if tag not in colors:
                 colors[tag] = color_for(len(colors))
                 legend.append(LegendEntry(tag, colors[tag], True))
-            traces.append(Trace(f"{tag} (plan)", plan.steps, values, colors[tag], dotted=True))
+            traces.append(Trace(f"{tag} (plan)", steps, values, colors[tag], dotted=True))
         legend.append(LegendEntry("planned", "#9e9e9e", True))
     spec = ChartSpec(traces=traces, markers=_markers(state, plan is not None), log_y=log_y, y_format="lr")
     return spec, _shared_prefix_once(spec, legend)
@@ -224,9 +224,9 @@ def plan_preview_chart(preview: PlanData | None, current: PlanData | None, log_y
     for plan, dotted in ((current, True), (preview, False)):
         if plan is None:
             continue
-        for tag, values in plan.series.items():
+        for tag, (steps, values) in plan.chart_series().items():
             color = colors.setdefault(tag, color_for(len(colors)))
-            traces.append(Trace(tag, plan.steps, values, color, dotted=dotted))
+            traces.append(Trace(tag, steps, values, color, dotted=dotted))
             if not dotted:
                 legend.append(LegendEntry(tag, color))
     if current is not None:

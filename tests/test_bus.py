@@ -584,3 +584,62 @@ def test_watchers_see_the_kinds_they_asked_for(rt: Path, tmp_path: Path) -> None
     finally:
         bus.close()
     assert seen_all == [ev.LR, ev.STATE, ev.LR] and seen_state == [ev.STATE]
+
+
+def test_a_slow_op_runs_beside_the_stream_and_other_requests(rt: Path, tmp_path: Path) -> None:
+    import threading
+
+    from fts_daemon.bus import MAX_SLOW_PENDING
+
+    bus = make_bus(rt, tmp_path, heartbeat_s=60)
+    release = threading.Event()
+    started = threading.Event()
+
+    def plan(args: dict) -> dict:
+        started.set()
+        if not release.wait(20):
+            raise OpError("never released")
+        if args.get("phase") == -1:
+            raise OpError("phase -1 is not a phase")
+        return {"phase": args.get("phase")}
+
+    bus.register("plan", plan, ("phase",), slow=True)
+    ctx = zmq.Context()
+    try:
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(bus.endpoints[1])
+
+        def reply() -> dict:
+            assert dealer.poll(5000), "no reply"
+            return json.loads(dealer.recv())
+
+        dealer.send(ev.request("plan", "p1", phase=2))
+        assert started.wait(5)
+        # while the slow op runs: hello is answered, events go out, a bad argument is refused at once
+        dealer.send(ev.request("hello", "h1"))
+        assert reply()["id"] == "h1"
+        dealer.send(ev.request("plan", "bad", phases=1))
+        assert "unknown argument 'phases'" in reply()["error"]
+        before = bus.seq
+        bus.publish(ev.LOG, {"level": "info", "message": "still flowing"})
+        wait_for(lambda: bus.seq > before)
+        # MAX_SLOW_PENDING requests wait their turn behind the one being answered; the next is refused as busy
+        for i in range(MAX_SLOW_PENDING + 1):
+            dealer.send(ev.request("plan", f"q{i}", phase=-1 if i == 0 else i))
+        busy = reply()
+        assert busy["id"] == f"q{MAX_SLOW_PENDING}" and busy["ok"] is False and busy["error"].startswith("busy:")
+        release.set()
+        answers = {r["id"]: r for r in (reply() for _ in range(MAX_SLOW_PENDING + 1))}
+        assert answers["p1"] == {"id": "p1", "ok": True, "result": {"phase": 2}}
+        assert answers["q0"] == {"id": "q0", "ok": False, "error": "phase -1 is not a phase"}
+        assert sorted(answers) == ["p1", *(f"q{i}" for i in range(MAX_SLOW_PENDING))]
+        assert all(answers[f"q{i}"]["result"] == {"phase": i} for i in range(1, MAX_SLOW_PENDING))
+        # answered, the worker takes new requests again
+        dealer.send(ev.request("plan", "again", phase=7))
+        assert reply() == {"id": "again", "ok": True, "result": {"phase": 7}}
+        dealer.close(0)
+    finally:
+        release.set()
+        ctx.destroy(linger=0)
+        bus.close()

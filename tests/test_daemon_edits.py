@@ -104,6 +104,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory):
                 replies["cancel_again"] = str(err)
             replies["list"] = ctl.request("list_edits")["edits"]
             replies["plan"] = ctl.request("plan", phase=2, changes={"lr": 1.0e-3})
+            replies["plan_sampled"] = ctl.request("plan", max_steps=5)
+            try:
+                ctl.request("plan", max_steps="all")
+            except ControlError as err:
+                replies["plan_bad"] = str(err)
         assert a.join() == 0
         out["a"] = a
         out["replies"] = replies
@@ -187,6 +192,14 @@ def test_plan_op_previews_an_edit(runs: dict) -> None:
     plan = runs["replies"]["plan"]
     assert set(plan) >= {"steps", "epochs", "phases", "series", "phase_starts"}
     assert [p["phase"] for p in plan["phase_starts"]] == [0, 1, 2]
+    assert plan["stride"] == 1 and plan["total_steps"] == len(plan["steps"])
+    # a plan longer than max_steps comes sampled, with every phase's first step and the last one
+    small = runs["replies"]["plan_sampled"]
+    assert small["total_steps"] == plan["total_steps"] and small["stride"] > 1
+    starts = {p["step"] for p in small["phase_starts"]}
+    assert starts | {plan["total_steps"] - 1} <= set(small["steps"]) and len(small["steps"]) <= 5 + len(starts) + 1
+    assert all(len(v) == len(small["steps"]) for v in small["series"].values())
+    assert "`max_steps` must be an integer >= 2" in runs["replies"]["plan_bad"]
 
 
 def test_event_log_is_gap_free_with_a_full_lifecycle(runs: dict) -> None:

@@ -276,3 +276,25 @@ def test_plan_before_the_train_loader_exists_says_so(tmp_path: Path) -> None:
     t.fit(TinyNet(), *loaders())
     assert errors and errors[0].startswith("no plan yet")
     assert len(fts.plan().steps) == 4  # once training ran, steps per epoch are known
+
+
+def test_a_long_plan_is_sampled_keeping_each_phase_start_and_the_end() -> None:
+    from fts_daemon.planner import Plan
+
+    n = 100_003
+    starts = [{"phase": 0, "epoch": 0, "step": 0}, {"phase": 1, "epoch": 7, "step": 33_337},
+              {"phase": 2, "epoch": 15, "step": 71_111}]
+    plan = Plan(steps=list(range(n)), epochs=[s // 4762 for s in range(n)],
+                phases=[sum(s >= p["step"] for p in starts) - 1 for s in range(n)],
+                series={"pg1": [1e-3 / (1 + s) for s in range(n)],
+                        "pg2": [None if s < 33_337 else 2e-4 for s in range(n)]},
+                phase_starts=starts)
+    same, stride = plan.sampled(n)
+    assert same is plan and stride == 1
+    sampled, stride = plan.sampled(1000)
+    assert stride == 101 and len(sampled.steps) <= 1000 + len(starts) + 1
+    assert {0, 33_337, 71_111, n - 1} <= set(sampled.steps) and sampled.steps == sorted(sampled.steps)
+    for i, step in enumerate(sampled.steps):  # every column taken at the same steps
+        assert sampled.series["pg1"][i] == plan.series["pg1"][step] and sampled.phases[i] == plan.phases[step]
+        assert sampled.series["pg2"][i] == plan.series["pg2"][step] and sampled.epochs[i] == plan.epochs[step]
+    assert sampled.phase_starts == starts

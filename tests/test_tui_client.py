@@ -198,6 +198,7 @@ async def test_curve_keys_over_tcp(tmp_path: Path) -> None:
     bus = start_bus(curve=curve)
     publish(bus, EVENTS[:50])
     try:
+        await until(lambda: bus.seq >= 50)  # sent in batches: the snapshot must hold all 50
         pub, ctl = bus.endpoints
         target = resolve_target(ctl, events=pub, server_key=str(keys / "server.key"), client_key=str(client_secret))
         async with following(LiveSource(target, heartbeat_timeout=2.0)) as source:

@@ -16,7 +16,7 @@ from fts_daemon.events import Event, ProtocolError
 from fts_tui.plot import ChartSpec, Marker, Trace, render_chart
 from fts_tui.replay import read_events
 from fts_tui.series import Series
-from fts_tui.state import RunState, summarize_params
+from fts_tui.state import PLAN_CHART_POINTS, PlanData, RunState, summarize_params
 from tests.data.make_recordings import build_run
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -354,3 +354,23 @@ def test_series_load_equals_appending_each_point(points: list[tuple[float, float
     bulk.load([x for x, _ in points], [y for _, y in points])
     assert (bulk.points(), bulk.count, bulk.stride) == (one.points(), one.count, one.stride)
     assert repr((bulk.last_x, bulk.last_y)) == repr((one.last_x, one.last_y))  # repr: NaN (no point yet) equals NaN
+
+
+def test_a_long_plan_is_drawn_from_a_bounded_copy_that_keeps_its_extremes() -> None:
+    steps = 20_000
+    cosine = [1e-3 * (0.5 + 0.5 * math.cos(i / 500)) + 1e-6 for i in range(steps)]
+    late = [math.nan] * 5000 + [2e-4 * 0.99 ** (i // 100) for i in range(steps - 5000)]  # a group added at step 5000
+    plan = PlanData.from_dict({"steps": list(range(steps)), "series": {"pg1": cosine, "pg2": late}})
+    chart = plan.chart_series()
+    assert chart is plan.chart_series()  # computed once
+    for tag, values in (("pg1", cosine), ("pg2", late)):
+        xs, ys = chart[tag]
+        assert len(xs) == len(ys) <= PLAN_CHART_POINTS
+        finite = [v for v in values if v == v]
+        assert min(ys) == min(finite) and max(ys) == max(finite)  # resets and troughs survive
+        assert xs == sorted(xs) and xs[-1] == steps - 1
+    assert chart["pg2"][0][0] == 5000  # nothing drawn before the group exists
+    assert len(plan.steps) == steps and plan.series["pg1"] == cosine  # the plan itself is untouched
+    # a short plan is drawn point for point
+    short = PlanData.from_dict({"steps": [0, 1, 2], "series": {"pg1": [1e-3, 2e-3, 3e-3]}})
+    assert short.chart_series() == {"pg1": ([0.0, 1.0, 2.0], [1e-3, 2e-3, 3e-3])}
