@@ -31,7 +31,7 @@ import zmq
 import zmq.asyncio
 
 from fts_daemon import events as ev
-from fts_tui.source import DEFAULT_SCHEDULERS, RequestError
+from fts_tui.source import DEFAULT_SCHEDULERS, PLAN_TIMEOUT_S, RequestError
 from fts_tui.state import RunState, plan_args
 
 # while events keep arriving faster than they are applied, the app is still told this often that there is news
@@ -425,7 +425,7 @@ class LiveSource:
 
     async def _fetch_plan(self) -> None:
         try:
-            result = await self.request("plan", timeout=max(self.request_timeout, 10.0), **plan_args(self.state))
+            result = await self.request("plan", timeout=max(self.request_timeout, PLAN_TIMEOUT_S), **plan_args(self.state))
         except RequestError as err:
             self.state.set_plan(None, str(err))
             if not self.state.finished:

@@ -32,6 +32,11 @@ DEFAULT_SCHEDULERS = (
 )
 
 
+# how long a `plan` request may take: the daemon simulates the whole run (seconds for a million steps) on a thread of
+# its own, one request at a time, so waiting beats asking again
+PLAN_TIMEOUT_S = 120.0
+
+
 class RequestError(Exception):
     """A control request that failed: the daemon's one-line reason, a timeout, or a read-only source."""
 

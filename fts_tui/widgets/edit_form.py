@@ -23,7 +23,7 @@ from fts_tui.edits import (
     fields_from_phase,
     group_hint,
 )
-from fts_tui.source import RequestError, Source
+from fts_tui.source import PLAN_TIMEOUT_S, RequestError, Source
 from fts_tui.state import EditInfo, PlanData, changes_summary, plan_args
 from fts_tui.views import plan_preview_chart
 from fts_tui.widgets.chart import Chart
@@ -176,7 +176,7 @@ class EditForm(ModalScreen[EditInfo | None]):
         if changes:
             args.update(phase=self.phase, changes=changes)
         try:
-            result = await self.source.request("plan", **args)
+            result = await self.source.request("plan", timeout=PLAN_TIMEOUT_S, **args)
         except RequestError as err:
             self.preview = None
             self._show_preview(f"preview unavailable: {err}")
