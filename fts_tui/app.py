@@ -2,11 +2,12 @@
 
 Data flow: a :class:`~fts_tui.source.Source` (live daemon or replay) runs in an async worker and fills a
 :class:`~fts_tui.state.RunState`. When the source has applied a burst of events it calls ``on_update``; the app then
-asks the state what changed and redraws only those panels, inside one ``batch_update``, ``COALESCE_S`` later (the
-rest of the burst comes meanwhile), or later still if the previous frame is less than ``1/redraw_hz`` old. Nothing
-redraws per event, so a burst costs one frame, and it is on screen a render after it arrived rather than after a
-fixed tick (a daemon sends its events in batches about 100 ms apart: about one frame per batch). A slow tick keeps
-the header's clock moving and serves sources that never call ``on_update``.
+asks the state what changed and redraws only those panels, inside one ``batch_update``, once the news pauses for
+``COALESCE_S`` (the rest of the burst comes meanwhile; see :meth:`FtsApp.data_arrived`), or later still if the
+previous frame is less than ``1/redraw_hz`` old. Nothing redraws per event, so a burst costs one frame, and it is
+on screen a render after it arrived rather than after a fixed tick (a daemon sends its events in batches about
+100 ms apart: about one frame per batch). A slow tick keeps the header's clock moving and serves sources that never
+call ``on_update``.
 
 Importing this module never imports torch or Lightning (tests check it).
 """
@@ -33,8 +34,9 @@ from fts_tui.views import default_metrics, header_lines, lr_chart, metric_chart
 from fts_tui.widgets import Chart, EventLog, RunHeader, ScheduleTable
 from fts_tui.widgets.edit_form import EditForm
 
-# how long a frame waits after the first news of a burst, for the rest of it
-COALESCE_S = 0.012
+# a frame waits for a burst's news to pause this long, but at most MAX_COALESCE_S after the first (see data_arrived)
+COALESCE_S = 0.008
+MAX_COALESCE_S = 0.04
 # the header's clock (connection age, steps/s) and sources without on_update: frames come with data, not ticks
 TICK_S = 0.1
 MAIN_ACTIONS = {"edit_phase", "edits", "toggle_log_y", "toggle_plan", "pick_metrics", "toggle_overlay", "zoom", "help"}
@@ -68,6 +70,7 @@ class FtsApp(App[None]):
         self.frames = 0  # redraws that changed something (the bench reads it)
         self._frame_at = -1e9  # time.monotonic() of the last redraw that changed something
         self._frame_timer: Timer | None = None  # a redraw scheduled by data_arrived, not yet run
+        self._news_since: float | None = None  # time.monotonic() of the first news the scheduled frame will show
         self.after_redraw: Callable[[FtsApp], None] | None = None  # bench hook
 
     @property
@@ -129,16 +132,23 @@ class FtsApp(App[None]):
     # ------------------------------------------------------------------------------------------------ redraw
 
     def data_arrived(self) -> None:
-        """The source applied a burst of events: draw them now, or as soon as the frame rate allows."""
+        """The source applied a burst of events: draw once the burst is in, as the frame rate allows.
+
+        A daemon's batch arrives in pieces (its I/O thread shares the GIL with training, and the source applies
+        events in 10 ms slices): the frame waits until no news came for COALESCE_S, but no longer than
+        MAX_COALESCE_S after the first, so that one frame shows the whole batch.
+        """
+        now = time.monotonic()
+        if self._news_since is None:
+            self._news_since = now
+        due = max(min(now + COALESCE_S, self._news_since + MAX_COALESCE_S), self._frame_at + self.redraw_interval)
         if self._frame_timer is not None:
-            return  # a frame is already on its way and will show these too
-        # a daemon's batch arrives in pieces a few ms apart (its I/O thread shares the GIL with training): wait
-        # COALESCE_S so that one frame shows the whole batch
-        delay = max(COALESCE_S, self._frame_at + self.redraw_interval - time.monotonic())
-        self._frame_timer = self.set_timer(delay, self._scheduled_frame)
+            self._frame_timer.stop()
+        self._frame_timer = self.set_timer(max(due - now, 0.001), self._scheduled_frame)  # Textual refuses 0
 
     def _scheduled_frame(self) -> None:
         self._frame_timer = None
+        self._news_since = None
         self.redraw()
 
     def _tick(self) -> None:
