@@ -588,13 +588,13 @@ class EventBus:
         except zmq.ZMQError:  # client gone (ROUTER_MANDATORY) or its queue is full: drop the reply
             pass
 
-    def _answer(self, body: bytes, envelope: list[bytes] | None = None) -> bytes | None:
+    def _answer(self, body: bytes, envelope: list[bytes]) -> bytes | None:
         """The reply to a request, or None when a slow op was handed to the worker (which replies later)."""
         req_id: Any = None
         try:
             req_id, op, args = ev.parse_request(body)
             self._check_args(op, args)
-            if op in self._slow and envelope is not None:
+            if op in self._slow:
                 self._defer(envelope, req_id, op, args)
                 return None
             return ev.ok_reply(req_id, self._dispatch(op, args))

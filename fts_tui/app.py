@@ -99,10 +99,7 @@ class FtsApp(App[None]):
         self.schedule.border_title = "schedule"
         self.event_log.border_title = "events"
         self._titles()
-        try:  # a source that can say when a burst of events has been applied gets its frame at once
-            self.source.on_update = self.data_arrived
-        except AttributeError:
-            pass
+        self.source.on_update = self.data_arrived  # a burst of events gets its frame as soon as it is in
         self.run_worker(self.source.run(), name="source", group="source", exclusive=True, exit_on_error=False)
         self.set_interval(max(self.redraw_interval, TICK_S), self._tick)
         self.redraw()

@@ -378,8 +378,8 @@ class LiveSource:
                 self._close_dealer()
                 return
 
-    def _updated(self, now: float | None = None) -> None:
-        self._updated_at = time.monotonic() if now is None else now
+    def _updated(self) -> None:
+        self._updated_at = time.monotonic()
         if self.on_update is not None:
             self.on_update()
 
