@@ -119,8 +119,16 @@ def _extremes(points: list[Any]) -> list[Any]:
     """The lowest and the highest point (by the last element, NaN/None ignored) in their order; the ends if flat."""
     if len(points) <= 2:
         return list(points)
-    lo = min(range(len(points)), key=lambda i: _low(points[i]))
-    hi = max(range(len(points)), key=lambda i: _high(points[i]))
+    values = [p[-1] for p in points]
+    try:
+        total = sum(values)
+    except (TypeError, OverflowError):  # a None among them, or an int too large to add to a float
+        total = math.nan
+    if total == total:  # no NaN (nor inf and -inf together): min/max and index in C, ~30x faster than key lambdas
+        lo, hi = values.index(min(values)), values.index(max(values))
+    else:
+        lo = min(range(len(points)), key=lambda i: _low(points[i]))
+        hi = max(range(len(points)), key=lambda i: _high(points[i]))
     if lo == hi:
         lo, hi = 0, len(points) - 1
     return [points[lo], points[hi]] if lo < hi else [points[hi], points[lo]]
@@ -246,6 +254,10 @@ class RunHistory:
         self._transition_daemons: list[str] = []
         self.logs: collections.deque[dict[str, Any]] = collections.deque(maxlen=recent)
         self.lr: dict[str, Downsampler] = {}
+        # ingest_lr's short path: the previous event's tags, their series, and the highest step any LR series holds
+        self._lr_key: tuple[str, ...] = ()
+        self._lr_series: list[Downsampler] = []
+        self._lr_high: Any = None
         self.metrics: dict[str, Downsampler] = {}
         self.metric_stage: dict[str, str] = {}
         self.phase = 0
@@ -273,8 +285,22 @@ class RunHistory:
             self.step = step
         if epoch is not None:
             self.epoch = epoch
+        key = tuple(lrs)
+        high = self._lr_high
+        if step is not None and key == self._lr_key and (high is None or step >= high):
+            # the same tags as last time (a phase keeps its groups), at no earlier step than any stored point: no
+            # series can need a rewind, so the per-tag lookups and checks of the general path are skipped (one lr
+            # event per step: this runs on the bus's I/O thread, holding the GIL the training thread needs)
+            for series, value in zip(self._lr_series, lrs.values()):
+                series.add((step, value))  # tuples of scalars: not tracked by the GC
+            self._lr_high = step
+            return
         for tag, value in lrs.items():
-            self._series(self.lr, tag, step).add((step, value))  # tuples of scalars: not tracked by the GC
+            self._series(self.lr, tag, step).add((step, value))
+        self._lr_key = key
+        self._lr_series = [self.lr[tag] for tag in key]
+        steps = [s.last[0] for s in self.lr.values() if s.last is not None and s.last[0] is not None]
+        self._lr_high = max(steps) if steps else None
 
     def ingest(self, event: ev.Event) -> None:
         data = event.data

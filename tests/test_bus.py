@@ -299,6 +299,72 @@ def test_downsampler_is_bounded_keeps_newest_and_extremes(max_points: int, ys: l
         assert min(kept) == min(ys) and max(kept) == max(ys)  # min/max per bucket: the extremes always survive
 
 
+def _reference_extremes(points: list) -> list:
+    """The lowest and highest point by a key that puts None and NaN last (what ``_extremes`` must pick)."""
+    from fts_daemon.history import _high, _low
+
+    if len(points) <= 2:
+        return list(points)
+    lo = min(range(len(points)), key=lambda i: _low(points[i]))
+    hi = max(range(len(points)), key=lambda i: _high(points[i]))
+    if lo == hi:
+        lo, hi = 0, len(points) - 1
+    return [points[lo], points[hi]] if lo < hi else [points[hi], points[lo]]
+
+
+@given(st.lists(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-(2**1030), 2**1030),
+                          st.none(), st.sampled_from([0.0, 1.0, -1.0])), max_size=40))
+def test_extremes_short_path_picks_what_the_key_functions_pick(values: list) -> None:
+    from fts_daemon.history import _extremes
+
+    points = [(i, v) for i, v in enumerate(values)]
+    assert _extremes(points) == _reference_extremes(points)
+
+
+class _GeneralPathHistory(RunHistory):
+    """``ingest_lr`` without its short path: every tag looked up and checked for a rewind on every event."""
+
+    def ingest_lr(self, step, epoch, lrs) -> None:  # type: ignore[no-untyped-def]
+        if step is not None:
+            self.step = step
+        if epoch is not None:
+            self.epoch = epoch
+        for tag, value in lrs.items():
+            self._series(self.lr, tag, step).add((step, value))
+
+
+@given(
+    st.integers(min_value=8, max_value=24),
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("lr"), st.integers(0, 2), st.floats(allow_nan=True, allow_infinity=True)),
+            st.tuples(st.just("new_tags"), st.integers(0, 2), st.none()),
+            st.tuples(st.just("rewind"), st.integers(0, 60), st.none()),
+            st.tuples(st.just("no_step"), st.integers(0, 2), st.floats(allow_nan=False)),
+        ),
+        max_size=300,
+    ),
+)
+def test_lr_history_short_path_equals_the_general_path(max_points: int, ops: list) -> None:
+    """Tag sets that change (a transition adds groups), resumes that go back, events without a step: the history
+    a snapshot sends is the same as when every event takes the general path."""
+    fast, general = RunHistory(max_points=max_points), _GeneralPathHistory(max_points=max_points)
+    step, prefix = 0, "a"
+    for kind, n, value in ops:
+        if kind == "rewind":
+            step = max(0, step - n)
+            continue
+        if kind == "new_tags":
+            prefix = chr(ord(prefix) + 1) if n else prefix  # a new scheduler name, or the same tags again
+            continue
+        step += 1
+        lrs = {f"{prefix}/pg{i}": value for i in range(n + 1)}
+        at = None if kind == "no_step" else step
+        fast.ingest_lr(at, 0, lrs)
+        general.ingest_lr(at, 0, dict(lrs))
+    assert json.loads(ev.dumps(fast.snapshot())) == json.loads(ev.dumps(general.snapshot()))
+
+
 def test_downsampled_lr_history_keeps_every_reset() -> None:
     """StepLR-like decay restarted by a reinitialization every 700 steps: each restart's peak is in the snapshot."""
     history = RunHistory(max_points=100)
