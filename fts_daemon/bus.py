@@ -214,6 +214,7 @@ class EventBus:
         self._slow_pending = 0  # jobs handed to the worker and not yet answered (I/O thread only)
         self._slow_replies: queue.SimpleQueue[tuple[list[bytes], bytes]] = queue.SimpleQueue()
         self._slow_thread: threading.Thread | None = None
+        self._burst: list[tuple[bytes, bytes]] | None = None  # frames of the batch being drained (I/O thread)
 
     # ------------------------------------------------------------------------------------------- any thread
 
@@ -471,16 +472,28 @@ class EventBus:
         sent = 0
         # lr events (one per step, most of the stream) take a short path unless a watcher wants them
         lr_fast = not any(kinds is None or ev.LR in kinds for _, kinds in self._watchers)
-        while sent < MAX_EVENTS_PER_TURN:
-            try:
-                kind, data, step, epoch, ts = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if self.dropped > self._dropped_seen:
-                self._account_drops()
-            if not (lr_fast and kind == ev.LR and self._emit_lr(data, step, epoch, ts)):
-                self._emit(kind, data, step, epoch, ts)
-            sent += 1
+        # the batch is encoded first and sent in one burst, so that ZeroMQ's I/O thread and each subscriber find
+        # it whole when they wake, rather than events arriving one per encoding (~10-30 us apart). A subscriber's
+        # CPU per event fell from ~36 to ~26 us in a synthetic test (500 lr events/s of 6 groups beside a busy
+        # Python thread, 3 runs each). Snapshots stay consistent: requests are answered only after the burst
+        burst: list[tuple[bytes, bytes]] = []
+        self._burst = burst
+        try:
+            while sent < MAX_EVENTS_PER_TURN:
+                try:
+                    kind, data, step, epoch, ts = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if self.dropped > self._dropped_seen:
+                    self._account_drops()
+                if not (lr_fast and kind == ev.LR and self._emit_lr(data, step, epoch, ts)):
+                    self._emit(kind, data, step, epoch, ts)
+                sent += 1
+        finally:
+            self._burst = None
+            send = self._send
+            for topic, body in burst:
+                send(topic, body)
         if sent:
             self._last_send = time.monotonic()
         return sent
@@ -496,7 +509,10 @@ class EventBus:
             return False
         self.seq += 1
         self.history.ingest_lr(step, epoch, lrs)
-        self._send(ev.LrEncoder.TOPIC, body)
+        if self._burst is not None:
+            self._burst.append((ev.LrEncoder.TOPIC, body))
+        else:
+            self._send(ev.LrEncoder.TOPIC, body)
         self._record(body)
         self.published += 1
         return True
@@ -552,7 +568,10 @@ class EventBus:
             event.kind, event.data = ev.LOG, {"level": "error", "message": f"{kind} event too large to send"}
             frames = ev.encode_event(event)
         self.history.ingest(event)
-        self._send(frames[0], frames[1])
+        if self._burst is not None:
+            self._burst.append((frames[0], frames[1]))
+        else:
+            self._send(frames[0], frames[1])
         self._record(frames[1], event.kind in DURABLE_KINDS)
         self.published += 1
         self._last_send = time.monotonic()

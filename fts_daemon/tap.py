@@ -265,8 +265,9 @@ class DaemonTap(Callback):
         if self._on_train_start is not None:
             self._on_train_start()
 
-    def _lr_tags(self, trainer: pl.Trainer) -> list[str]:
-        optimizer = trainer.optimizers[0]
+    def _lr_tags(self, trainer: pl.Trainer, optimizer: Any = None) -> list[str]:
+        if optimizer is None:
+            optimizer = trainer.optimizers[0]
         configs = trainer.lr_scheduler_configs
         groups = optimizer.param_groups
         # tags change only when a transition adds groups or installs a new scheduler config / optimizer (new
@@ -293,11 +294,12 @@ class DaemonTap(Callback):
             return
         if self._metrics_due is not None:
             self._publish_due_metrics(trainer)
-        if not trainer.optimizers:
+        optimizers = trainer.optimizers
+        if not optimizers:
             return
         # the LRs this optimizer step uses (LearningRateMonitor logs the same values at this point)
-        tags = self._lr_tags(trainer)
-        lrs = {tag: float(g["lr"]) for tag, g in zip(tags, trainer.optimizers[0].param_groups)}
+        optimizer = optimizers[0]
+        lrs = {tag: float(g["lr"]) for tag, g in zip(self._lr_tags(trainer, optimizer), optimizer.param_groups)}
         self.publish(ev.LR, {"lrs": lrs}, int(trainer.global_step), int(trainer.current_epoch))
 
     def _changed_metrics(self, callback_metrics: Mapping[str, Any], stage: str) -> dict[str, float]:
