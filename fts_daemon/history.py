@@ -124,7 +124,7 @@ def _extremes(points: list[Any]) -> list[Any]:
         total = sum(values)
     except (TypeError, OverflowError):  # a None among them, or an int too large to add to a float
         total = math.nan
-    if total == total:  # no NaN (nor inf and -inf together): min/max and index in C, ~30x faster than key lambdas
+    if total == total:  # no NaN (nor inf and -inf together): min/max and index in C, ~3x faster than key lambdas
         lo, hi = values.index(min(values)), values.index(max(values))
     else:
         lo = min(range(len(points)), key=lambda i: _low(points[i]))
