@@ -509,13 +509,17 @@ class EventBus:
             return False
         self.seq += 1
         self.history.ingest_lr(step, epoch, lrs)
-        if self._burst is not None:
-            self._burst.append((ev.LrEncoder.TOPIC, body))
-        else:
-            self._send(ev.LrEncoder.TOPIC, body)
+        self._out(ev.LrEncoder.TOPIC, body)
         self._record(body)
         self.published += 1
         return True
+
+    def _out(self, topic: bytes, body: bytes) -> None:
+        """Send an encoded event, or keep it for the burst that ends the batch being drained."""
+        if self._burst is not None:
+            self._burst.append((topic, body))
+        else:
+            self._send(topic, body)
 
     def _record(self, body: bytes, durable: bool = False) -> None:
         """Append an event's line to events.jsonl (written through at once if ``durable``, else flushed with the
@@ -568,10 +572,7 @@ class EventBus:
             event.kind, event.data = ev.LOG, {"level": "error", "message": f"{kind} event too large to send"}
             frames = ev.encode_event(event)
         self.history.ingest(event)
-        if self._burst is not None:
-            self._burst.append((frames[0], frames[1]))
-        else:
-            self._send(frames[0], frames[1])
+        self._out(frames[0], frames[1])
         self._record(frames[1], event.kind in DURABLE_KINDS)
         self.published += 1
         self._last_send = time.monotonic()
