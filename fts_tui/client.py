@@ -32,7 +32,7 @@ import zmq.asyncio
 
 from fts_daemon import events as ev
 from fts_tui.source import DEFAULT_SCHEDULERS, PLAN_TIMEOUT_S, RequestError
-from fts_tui.state import RunState, plan_args
+from fts_tui.state import PlanData, RunState, plan_args
 
 # while events keep arriving faster than they are applied, the app is still told this often that there is news
 UPDATE_EVERY_S = 0.05
@@ -434,5 +434,6 @@ class LiveSource:
                 self._plan_wait = min(self._plan_wait * 2, 30.0)
             return
         self._plan_wait = self.plan_interval
-        self.state.set_plan(result if isinstance(result, dict) else None)
+        # read and decimated for the charts off the event loop (~50 ms for a 20,000-step plan of 6 groups)
+        self.state.set_plan(await asyncio.to_thread(PlanData.for_charts, result) if isinstance(result, dict) else None)
 

@@ -104,6 +104,7 @@ async def test_late_attach_then_live_events(bus: EventBus) -> None:
         assert s.edits["e1"].status == "applied" and s.edits["e2"].status == "cancelled"
         await until(lambda: s.plan is not None)  # asked by itself: the daemon offers `plan`
         assert len(s.plan.steps) == 560
+        assert s.plan._chart is not None  # the charts' copy was made with the plan, on a worker thread
 
 
 @pytest.mark.asyncio

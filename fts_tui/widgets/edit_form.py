@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from textual import on, work
@@ -181,7 +182,7 @@ class EditForm(ModalScreen[EditInfo | None]):
             self.preview = None
             self._show_preview(f"preview unavailable: {err}")
             return
-        self.preview = PlanData.from_dict(result or {})
+        self.preview = await asyncio.to_thread(PlanData.for_charts, result or {})  # off the event loop: see for_charts
         self._show_preview("" if changes else "no changes: the plan as it stands")
 
     # ------------------------------------------------------------------------------------------------ send
