@@ -7,7 +7,7 @@
    step, and the I/O thread's CPU share). Target: >= 0.98.
 1b. The event stream's per-step cost within one daemon run (``--windows RUNS``, default 3; 0 skips it): the tap's
    publishing is switched off and on every few dozen steps, each "on" window (an ``lr`` event per step, metrics, the
-   subscriber decoding them) against the "off" windows beside it, each window timed after an untimed start that lets
+   subscriber decoding them) against each "off" window beside it, each window timed after an untimed start that lets
    the previous window's events drain. Neighbouring windows of one process share its memory placement and the
    machine's load of that second, which separate runs do not; the off windows' deviation from their own neighbours
    is printed as the method's noise. What it leaves out: per-epoch costs (windows across an epoch end are dropped)
@@ -385,8 +385,8 @@ class _Windows:
 
     An "on" window is the daemon as it runs (an ``lr`` event per step, train metrics, a live subscriber decoding
     them); an "off" window has the tap publish nothing, so the I/O thread and the subscriber sleep. Each on window is
-    compared with the mean of the off windows on either side, in the same process a fraction of a second apart: what
-    the stream costs per step, without the run-to-run spread of separate processes. A window is timed from its
+    compared with each off window beside it, in the same process a fraction of a second apart: what the stream costs
+    per step, without the run-to-run spread of separate processes. A window is timed from its
     ``guard``-th step on, so that the I/O thread's batch (``batch_ms``) and the subscriber's backlog from the window
     before have ended. Off windows compared with their own neighbours give the noise floor of the method.
     """
@@ -429,19 +429,26 @@ class _Windows:
         self.callback = WindowCallback()
 
     def ratios(self) -> tuple[list[float], list[float]]:
-        """(on / neighbouring off, off / the off windows beside its neighbours) rate ratios."""
+        """(on / off, off / off) rate ratios of neighbouring windows.
+
+        Every two adjacent whole windows (one on, one off, in either order) give one on / off ratio; every two whole
+        off windows two apart give one off / off ratio. Each ratio compares one window with one other, so with no
+        difference between on and off its median is 1 whatever the windows' time distribution (skewed: a few slow
+        windows). An earlier form, one window against the mean of its two neighbours, read ~1% high on that skew
+        (its off / off median was 1.01); the order of a pair (on after off, off after on) alternates, so a drift
+        within the run cancels out.
+        """
         spans = self.spans
         on_ratios, off_ratios = [], []
-        for i in range(2, len(spans) - 2):
-            here, left, right = spans[i], spans[i - 1], spans[i + 1]
-            if here is None or left is None or right is None:
-                continue
-            if here[0]:
-                on_ratios.append((left[1] + right[1]) / 2 / here[1])
-            else:
-                far_left, far_right = spans[i - 2], spans[i + 2]
-                if far_left is not None and far_right is not None:
-                    off_ratios.append((far_left[1] + far_right[1]) / 2 / here[1])
+        for i in range(1, len(spans)):
+            here, left = spans[i], spans[i - 1]
+            if here is not None and left is not None and here[0] != left[0]:
+                on, off = (here, left) if here[0] else (left, here)
+                on_ratios.append(off[1] / on[1])
+            if i >= 2:
+                far = spans[i - 2]
+                if here is not None and far is not None and not here[0] and not far[0]:
+                    off_ratios.append(far[1] / here[1])
         return on_ratios, off_ratios
 
 
@@ -455,11 +462,12 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else math.nan
 
 
-def _median_interval(values: list[float]) -> tuple[float, float]:
-    """The median's 95% interval from the order statistics (distribution-free)."""
+def _median_interval(values: list[float], share: int = 1) -> tuple[float, float]:
+    """The median's 95% interval from the order statistics (distribution-free). ``share``: how many values each
+    measurement enters (2 for neighbouring pairs, each window being in two): the interval widens by its root."""
     if not values:
         return math.nan, math.nan
-    ordered, half = sorted(values), 0.98 * len(values) ** 0.5
+    ordered, half = sorted(values), 0.98 * (share * len(values)) ** 0.5
     return ordered[max(0, int(len(values) / 2 - half))], ordered[min(len(values) - 1, int(len(values) / 2 + half))]
 
 
@@ -480,12 +488,12 @@ def windows(
                 on_all += on
                 off_all += off
                 sub_cpu = sub.get("cpu_s", 0.0) / max(1, sub["count"]) * 1e6
-                print(f"  {size} run {i + 1}/{runs}: stream on / off {_median(on):.3f} (median of {len(on)} windows of "
+                print(f"  {size} run {i + 1}/{runs}: stream on / off {_median(on):.3f} (median of {len(on)} pairs of windows of "
                       f"{win.steps} steps, the last {win.steps - win.guard} timed), off / off {_median(off):.3f}; subscriber "
                       f"got {sub['count']} events ({sub['lost']} lost), its CPU {sub_cpu:.0f} us per event", flush=True)
         out[size] = {"ratio_median": _median(on_all), "windows": len(on_all),
-                     "noise": _median([abs(x - 1) for x in off_all]), "ratios": on_all,
-                     "interval": _median_interval(on_all),
+                     "noise": _median([abs(x - 1) for x in off_all]), "null": _median(off_all), "ratios": on_all,
+                     "interval": _median_interval(on_all, share=2),
                      "window_steps": window_steps[size][0]}
     return out
 
@@ -600,8 +608,9 @@ def main() -> int:
                                      subscribe=not args.no_subscriber)
         for size, r in results["windows"].items():
             print(f"  {size:6} steps/s with the stream / without, same run: {r['ratio_median']:.3f} (median of "
-                  f"{r['windows']} windows of {r['window_steps']} steps, its 95% interval {r['interval'][0]:.3f}-"
-                  f"{r['interval'][1]:.3f}; off windows deviate from theirs by {100 * r['noise']:.1f}%)")
+                  f"{r['windows']} pairs of neighbouring windows of {r['window_steps']} steps, its 95% interval {r['interval'][0]:.3f}-"
+                  f"{r['interval'][1]:.3f}; off windows deviate from those two away by {100 * r['noise']:.1f}%, "
+                  f"median off / off {r['null']:.3f})")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
