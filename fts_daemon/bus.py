@@ -53,6 +53,8 @@ log = logging.getLogger("fts_daemon.bus")
 
 # Kinds that may be dropped under pressure (one per step); everything else is rare and must arrive.
 LOSSY_KINDS = frozenset({ev.LR, ev.METRIC})
+# the queue's kind for an lr event from publish_lr: (tags, values) rather than its data
+LR_ROW = "lr row"
 # written through to the kernel at once (a killed daemon's record keeps them); the rest is flushed every FLUSH_S
 DURABLE_KINDS = frozenset({ev.STATE, ev.SCHEDULE, ev.TRANSITION, ev.EDIT})
 # Control requests answered per loop turn before publishing resumes (a request flood cannot starve the stream).
@@ -183,7 +185,8 @@ class EventBus:
 
     def __init__(self, config: BusConfig):
         self.config = config
-        self._queue: queue.SimpleQueue[tuple[str, dict[str, Any], int | None, int | None, float]] = queue.SimpleQueue()
+        # (kind, data, step, epoch, ts); data is (tags, values) for LR_ROW
+        self._queue: queue.SimpleQueue[tuple[str, Any, int | None, int | None, float]] = queue.SimpleQueue()
         self._handlers: dict[str, Handler] = {}
         self._params: dict[str, frozenset[str]] = {"hello": frozenset(), "snapshot": frozenset({"series"})}
         self._watchers: list[tuple[Watcher, frozenset[str] | None]] = []
@@ -192,7 +195,7 @@ class EventBus:
         self._closing = threading.Event()
         self._start_error: BaseException | None = None
         self.history = RunHistory(config.history_points, config.recent)
-        self._lr_encoder = ev.LrEncoder(config.run, config.daemon)
+        self._encoder = ev.StepEncoder(config.run, config.daemon)
         self.endpoints: tuple[str, str] | None = None
         self.seq = 0
         self.dropped = 0  # lossy events refused because the queue was full (training-thread side)
@@ -225,6 +228,19 @@ class EventBus:
             return False
         self._queue.put((kind, data, step, epoch, time.time()))
         if self._asleep:  # rare: the first event after a quiet spell (a busy run finds the I/O thread awake)
+            self._wake()
+        return True
+
+    def publish_lr(self, tags: tuple[str, ...], values: list[float], step: int | None = None,
+                   epoch: int | None = None) -> bool:
+        """Queue an ``lr`` event given as its tags and values (``lrs`` is ``dict(zip(tags, values))``): the tap's
+        once-a-step call, which builds no dict. ``tags`` should be the same tuple object from step to step while the
+        groups stay the same (the I/O thread caches by identity); neither may be mutated afterwards."""
+        if self._queue.qsize() >= self.config.queue_limit:
+            self.dropped += 1
+            return False
+        self._queue.put((LR_ROW, (tags, values), step, epoch, time.time()))
+        if self._asleep:
             self._wake()
         return True
 
@@ -470,8 +486,10 @@ class EventBus:
 
     def _drain(self) -> int:
         sent = 0
-        # lr events (one per step, most of the stream) take a short path unless a watcher wants them
-        lr_fast = not any(kinds is None or ev.LR in kinds for _, kinds in self._watchers)
+        # lr and metric events (one per step and one per logging step: most of the stream) take a short path unless
+        # a watcher wants them
+        fast = {kind for kind in (ev.LR, ev.METRIC)
+                if not any(kinds is None or kind in kinds for _, kinds in self._watchers)}
         # the batch is encoded first and sent in one burst, so that ZeroMQ's I/O thread and each subscriber find
         # it whole when they wake, rather than events arriving one per encoding (~10-30 us apart). A subscriber's
         # CPU per event fell from ~36 to ~26 us in a synthetic test (500 lr events/s of 6 groups beside a busy
@@ -486,7 +504,11 @@ class EventBus:
                     break
                 if self.dropped > self._dropped_seen:
                     self._account_drops()
-                if not (lr_fast and kind == ev.LR and self._emit_lr(data, step, epoch, ts)):
+                if kind is LR_ROW:
+                    tags, values = data
+                    if ev.LR not in fast or not self._emit_lr_row(tags, values, step, epoch, ts):
+                        self._emit(ev.LR, {"lrs": dict(zip(tags, values))}, step, epoch, ts)
+                elif kind not in fast or not self._emit_step(kind, data, step, epoch, ts):
                     self._emit(kind, data, step, epoch, ts)
                 sent += 1
         finally:
@@ -498,18 +520,43 @@ class EventBus:
             self._last_send = time.monotonic()
         return sent
 
-    def _emit_lr(self, data: dict[str, Any], step: int | None, epoch: int | None, ts: float) -> bool:
-        """:meth:`_emit` for an ``lr`` event, without building an Event or calling the json module (it holds the
-        GIL for about a quarter of the time); False, having done nothing, if the event needs the general path."""
-        lrs = data.get("lrs")
-        if len(data) != 1 or type(lrs) is not dict:
-            return False
-        body = self._lr_encoder.body(self.seq + 1, ts, lrs, step, epoch)
+    def _emit_lr_row(self, tags: tuple[str, ...], values: list[float], step: int | None, epoch: int | None,
+                     ts: float) -> bool:
+        """:meth:`_emit_step` for an ``lr`` event from :meth:`publish_lr`."""
+        body = self._encoder.lr_row(self.seq + 1, ts, tags, values, step, epoch)
         if body is None or len(body) > ev.MAX_EVENT_BYTES:
             return False
         self.seq += 1
-        self.history.ingest_lr(step, epoch, lrs)
-        self._out(ev.LrEncoder.TOPIC, body)
+        self.history.ingest_lr_row(step, epoch, tags, values)
+        self._out(ev.StepEncoder.LR_TOPIC, body)
+        self._record(body)
+        self.published += 1
+        return True
+
+    def _emit_step(self, kind: str, data: dict[str, Any], step: int | None, epoch: int | None, ts: float) -> bool:
+        """:meth:`_emit` for an ``lr`` or ``metric`` event, without building an Event or calling the json module
+        (it holds the GIL for a third to a half of the time); False, having done nothing, if the event needs the
+        general path."""
+        seq = self.seq + 1
+        if kind == ev.LR:
+            lrs = data.get("lrs")
+            if len(data) != 1 or type(lrs) is not dict:
+                return False
+            topic, body = ev.StepEncoder.LR_TOPIC, self._encoder.lr(seq, ts, lrs, step, epoch)
+        else:
+            metrics, stage = data.get("metrics"), data.get("stage")
+            # the json module writes keys in the dict's order: the short path writes metrics, then stage
+            if len(data) != 2 or type(metrics) is not dict or next(iter(data)) != "metrics":
+                return False
+            topic, body = ev.StepEncoder.METRIC_TOPIC, self._encoder.metric(seq, ts, metrics, stage, step, epoch)
+        if body is None or len(body) > ev.MAX_EVENT_BYTES:
+            return False
+        self.seq = seq
+        if kind == ev.LR:
+            self.history.ingest_lr(step, epoch, lrs)
+        else:
+            self.history.ingest_metric(step, epoch, metrics, stage)
+        self._out(topic, body)
         self._record(body)
         self.published += 1
         return True

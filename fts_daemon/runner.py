@@ -587,12 +587,13 @@ class Daemon:
                                                  every_n_epochs=opts.checkpoint_every,
                                                  max_overhead=opts.checkpoint_overhead)
         self.tap = DaemonTap(
-            self._publish if self.bus is not None else None,  # inert on ranks other than 0
+            self.bus.publish if self.bus is not None else None,  # inert on ranks other than 0
             self.edits,
             self.stop_event,
             self.run_dir / CHECKPOINT_DIR,
             on_train_start=self._install_signals,
             before_checkpoint=self._epoch_checkpoint.wait,
+            publish_lr=self.bus.publish_lr if self.bus is not None else None,
         )
         overrides = list(opts.overrides)
         if not opts.progress:

@@ -30,6 +30,8 @@ from fts_daemon.crashsafe import save_atomically
 from fts_daemon.edits import EditQueue
 
 Publish = Callable[..., Any]
+# (tags, values, step, epoch): an lr event as a tuple of tags and a list of values (EventBus.publish_lr)
+PublishLr = Callable[[tuple[str, ...], list[float], int, int], Any]
 # callback_metrics names that are not training metrics: the FinetuningScheduler's phase (``log_phase``)
 NOT_METRICS = frozenset({"fts_phase"})
 
@@ -164,6 +166,7 @@ class DaemonTap(Callback):
         checkpoint_dir: Path | None = None,
         on_train_start: Callable[[], None] | None = None,
         before_checkpoint: Callable[[], None] | None = None,
+        publish_lr: PublishLr | None = None,
     ):
         super().__init__()
         # called when training starts, after Lightning installed its own signal handlers (the daemon replaces them
@@ -173,6 +176,8 @@ class DaemonTap(Callback):
         self._before_checkpoint = before_checkpoint
         self.active = publish is not None  # False on ranks other than 0: nothing is published or applied there
         self.publish: Publish = publish if publish is not None else _nothing
+        # lr events, once a step: EventBus.publish_lr takes the tags and values without a dict built for them
+        self.publish_lr: PublishLr = publish_lr if publish_lr is not None and publish is not None else self._lr_event
         self.edits = edits if self.active else None
         self.info: dict[str, Any] = {}  # run facts (model, config) sent with the first ``training`` state
         self.stop_event = stop_event or threading.Event()
@@ -183,7 +188,7 @@ class DaemonTap(Callback):
         self.vote = StopVote()
         self.fts: FinetuningScheduler | None = None
         self._tag_key: tuple[int | None, ...] | None = None
-        self._tags: list[str] = []
+        self._tags: tuple[str, ...] = ()
         self._seen: dict[str, float] = {}  # metric name -> last published value
         # LR tags ever used: LearningRateMonitor puts the same names (and <tag>-momentum, <tag>-weight_decay) into
         # callback_metrics; they are not metrics (every step's LRs are in the lr events)
@@ -207,7 +212,7 @@ class DaemonTap(Callback):
         if stage != "fit":
             return
         if self.active and not trainer.is_global_zero:  # a launcher whose rank the daemon did not recognize
-            self.active, self.publish, self.edits = False, _nothing, None
+            self.active, self.publish, self.publish_lr, self.edits = False, _nothing, _nothing, None
         fts = find_fts(trainer)
         if fts is not None and fts is not self.fts:
             self.fts = fts
@@ -265,7 +270,11 @@ class DaemonTap(Callback):
         if self._on_train_start is not None:
             self._on_train_start()
 
-    def _lr_tags(self, trainer: pl.Trainer, optimizer: Any = None) -> list[str]:
+    def _lr_event(self, tags: tuple[str, ...], values: list[float], step: int, epoch: int) -> None:
+        """``publish_lr`` through ``publish`` (no EventBus.publish_lr given)."""
+        self.publish(ev.LR, {"lrs": dict(zip(tags, values))}, step, epoch)
+
+    def _lr_tags(self, trainer: pl.Trainer, optimizer: Any = None) -> tuple[str, ...]:
         if optimizer is None:
             optimizer = trainer.optimizers[0]
         configs = trainer.lr_scheduler_configs
@@ -276,7 +285,8 @@ class DaemonTap(Callback):
         if key != self._tag_key:
             self._tag_key = key
             name = configs[0].name if configs else None
-            self._tags = ev.lr_tag_names(name, type(optimizer).__name__, [g.get("name") for g in groups])
+            # a new tuple only when they change: the bus caches their JSON by this object's identity
+            self._tags = tuple(ev.lr_tag_names(name, type(optimizer).__name__, [g.get("name") for g in groups]))
             self._lr_names.update(self._tags)
         return self._tags
 
@@ -299,8 +309,8 @@ class DaemonTap(Callback):
             return
         # the LRs this optimizer step uses (LearningRateMonitor logs the same values at this point)
         optimizer = optimizers[0]
-        lrs = {tag: float(g["lr"]) for tag, g in zip(self._lr_tags(trainer, optimizer), optimizer.param_groups)}
-        self.publish(ev.LR, {"lrs": lrs}, int(trainer.global_step), int(trainer.current_epoch))
+        self.publish_lr(self._lr_tags(trainer, optimizer), [float(g["lr"]) for g in optimizer.param_groups],
+                        int(trainer.global_step), int(trainer.current_epoch))
 
     def _changed_metrics(self, callback_metrics: Mapping[str, Any], stage: str) -> dict[str, float]:
         """Metrics whose value changed since last published, classified by the stage that first logged them.

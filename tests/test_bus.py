@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import zmq
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from fts_daemon import events as ev
@@ -341,28 +341,63 @@ class _GeneralPathHistory(RunHistory):
             st.tuples(st.just("new_tags"), st.integers(0, 2), st.none()),
             st.tuples(st.just("rewind"), st.integers(0, 60), st.none()),
             st.tuples(st.just("no_step"), st.integers(0, 2), st.floats(allow_nan=False)),
+            st.tuples(st.just("read"), st.just(0), st.none()),
         ),
         max_size=300,
     ),
 )
+@example(8, [("lr", 0, 1.0)] * 3 + [("read", 0, None), ("rewind", 2, None)] + [("lr", 0, 2.0)] * 3)  # a resume
 def test_lr_history_short_path_equals_the_general_path(max_points: int, ops: list) -> None:
     """Tag sets that change (a transition adds groups), resumes that go back, events without a step: the history
-    a snapshot sends is the same as when every event takes the general path."""
+    a snapshot sends is the same as when every event takes the general path, whether the events come as dicts
+    (``ingest_lr``) or as the tap's rows (``ingest_lr_row``: folded in batches, here also whenever it is read)."""
+    from fts_daemon import history
+
     fast, general = RunHistory(max_points=max_points), _GeneralPathHistory(max_points=max_points)
+    rows = RunHistory(max_points=max_points)
     step, prefix = 0, "a"
-    for kind, n, value in ops:
-        if kind == "rewind":
-            step = max(0, step - n)
-            continue
-        if kind == "new_tags":
-            prefix = chr(ord(prefix) + 1) if n else prefix  # a new scheduler name, or the same tags again
-            continue
-        step += 1
-        lrs = {f"{prefix}/pg{i}": value for i in range(n + 1)}
-        at = None if kind == "no_step" else step
-        fast.ingest_lr(at, 0, lrs)
-        general.ingest_lr(at, 0, dict(lrs))
-    assert json.loads(ev.dumps(fast.snapshot())) == json.loads(ev.dumps(general.snapshot()))
+    tags: dict[tuple[str, int], tuple[str, ...]] = {}  # the tap keeps one tuple object while the tags stay the same
+    batch, history.ROW_BATCH = history.ROW_BATCH, 7  # folds that fall inside a run of rows
+    try:
+        for kind, n, value in ops:
+            if kind == "rewind":
+                step = max(0, step - n)
+                continue
+            if kind == "new_tags":
+                prefix = chr(ord(prefix) + 1) if n else prefix  # a new scheduler name, or the same tags again
+                tags.clear()
+                continue
+            if kind == "read":
+                assert rows.lr.keys() == general.lr.keys()
+                continue
+            step += 1
+            lrs = {f"{prefix}/pg{i}": value for i in range(n + 1)}
+            at = None if kind == "no_step" else step
+            fast.ingest_lr(at, 0, lrs)
+            general.ingest_lr(at, 0, dict(lrs))
+            rows.ingest_lr_row(at, 0, tags.setdefault((prefix, n), tuple(lrs)), list(lrs.values()))
+    finally:
+        history.ROW_BATCH = batch
+    expected = json.loads(ev.dumps(general.snapshot()))
+    assert json.loads(ev.dumps(fast.snapshot())) == expected
+    assert json.loads(ev.dumps(rows.snapshot())) == expected
+    assert (rows.step, rows.epoch) == (general.step, general.epoch)
+
+
+@given(st.integers(min_value=8, max_value=24), st.lists(st.integers(0, 40), max_size=40))
+def test_downsampler_extend_equals_one_add_per_point(max_points: int, chunks: list[int]) -> None:
+    from fts_daemon.history import Downsampler
+
+    one, many = Downsampler(max_points), Downsampler(max_points)
+    step = 0
+    for size in chunks:
+        points = [(step + i, math.sin(step + i)) for i in range(size)]
+        step += size
+        for point in points:
+            one.add(point)
+        many.extend(points)
+        assert (many.points, many.pending, many.stride, many.count, many.last) == (
+            one.points, one.pending, one.stride, one.count, one.last)
 
 
 def test_downsampled_lr_history_keeps_every_reset() -> None:
@@ -616,12 +651,53 @@ def test_lr_encoder_writes_exactly_what_the_general_encoder_writes(
 ) -> None:
     """The bus's short path for lr events must not change a byte of the wire or of events.jsonl."""
     event = ev.Event(kind=ev.LR, seq=seq, ts=ts, run=run, daemon="d0", data={"lrs": lrs}, step=step, epoch=epoch)
-    assert ev.LrEncoder(run, "d0").body(seq, ts, lrs, step, epoch) == ev.encode_event(event)[1]
+    assert ev.StepEncoder(run, "d0").lr(seq, ts, lrs, step, epoch) == ev.encode_event(event)[1]
+
+
+@given(
+    st.dictionaries(st.text(max_size=12), st.one_of(st.floats(allow_nan=True, allow_infinity=True),
+                                                    st.integers(-(2**70), 2**70), st.none()), max_size=8),
+    st.text(max_size=8),
+    st.integers(0, 2**40),
+    st.one_of(st.none(), st.integers(0, 2**40)),
+)
+def test_metric_encoder_writes_exactly_what_the_general_encoder_writes(
+    metrics: dict, stage: str, seq: int, step: int | None
+) -> None:
+    data = {"metrics": metrics, "stage": stage}
+    event = ev.Event(kind=ev.METRIC, seq=seq, ts=1.5, run="r", daemon="d0", data=data, step=step, epoch=3)
+    assert ev.StepEncoder("r", "d0").metric(seq, 1.5, metrics, stage, step, 3) == ev.encode_event(event)[1]
+
+
+@given(
+    st.lists(st.text(max_size=12), max_size=8),
+    st.lists(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 5), st.booleans()),
+             max_size=8),
+    st.integers(0, 2**40),
+    st.one_of(st.none(), st.integers(0, 2**40)),
+)
+@example(["a", "b"], [1.5e308, 1.5e308], 1, 2)  # finite values whose sum is not
+def test_lr_row_encoder_writes_what_the_general_encoder_writes_or_steps_aside(
+    tags: list, values: list, seq: int, step: int | None
+) -> None:
+    """Finite floats under distinct tags: the general encoder's bytes. Anything else: None (the general path)."""
+    encoder = ev.StepEncoder("r", "d0")
+    values = values[: len(tags)]
+    body = encoder.lr_row(seq, 2.5, tuple(tags), values, step, 1)
+    plain = (len(set(tags)) == len(tags) == len(values)
+             and all(type(v) is float and math.isfinite(v) for v in values))
+    if not plain:
+        assert body is None
+        return
+    event = ev.Event(kind=ev.LR, seq=seq, ts=2.5, run="r", daemon="d0", data={"lrs": dict(zip(tags, values))},
+                     step=step, epoch=1)
+    assert body == ev.encode_event(event)[1]
+    assert encoder.lr_row(seq, 2.5, tuple(tags), values, step, 1) == body  # the cached names give the same
 
 
 @pytest.mark.parametrize("value", [True, "1e-3", [1.0], {"a": 1}])
 def test_lr_encoder_leaves_other_values_to_the_general_path(rt: Path, tmp_path: Path, value: object) -> None:
-    assert ev.LrEncoder("r", "d").body(1, 0.0, {"g/pg1": 1.0, "g/pg2": value}, 3, 0) is None
+    assert ev.StepEncoder("r", "d").lr(1, 0.0, {"g/pg1": 1.0, "g/pg2": value}, 3, 0) is None
     bus = make_bus(rt, tmp_path, heartbeat_s=60)
     try:
         bus.publish(ev.LR, {"lrs": {"g/pg1": 1.0, "g/pg2": value}}, 3, 0)
@@ -633,6 +709,39 @@ def test_lr_encoder_leaves_other_values_to_the_general_path(rt: Path, tmp_path: 
     assert first.data == {"lrs": {"g/pg1": 1.0, "g/pg2": value}} and (first.seq, first.step) == (1, 3)
     assert second.data == {"lrs": {"g/pg1": 0.5}} and (second.seq, second.step) == (2, 4)
     assert bus.history.lr["g/pg1"].values() == [(3, 1.0), (4, 0.5)]
+
+
+@pytest.mark.parametrize("watching", [False, True])
+def test_lr_rows_arrive_as_lr_events(rt: Path, tmp_path: Path, watching: bool) -> None:
+    """``publish_lr`` (the tap's call): on the wire and in the record as ``lr`` events, whichever path encodes them
+    (a watcher of lr events, or a value that is not a float, takes the general one), in the history, and dropped
+    and counted when the queue is full."""
+    bus = make_bus(rt, tmp_path, heartbeat_s=60)
+    seen: list[ev.Event] = []
+    if watching:
+        bus.watch(seen.append, (ev.LR,))
+    tags = ("g/pg1", "g/pg2")
+    try:
+        assert bus.publish_lr(tags, [1.0, 0.5], 3, 0)
+        assert bus.publish_lr(tags, [2, 0.25], 4, 0)  # an int: the general path writes it as the json module does
+        assert bus.publish_lr(tags, [0.5, 0.125], 5, 1)
+        wait_for(lambda: drained(bus, 3), timeout=5)
+    finally:
+        bus.close()
+    events = read_events(tmp_path / "events.jsonl")
+    assert [(e.kind, e.seq, e.step, e.epoch, e.data) for e in events] == [
+        (ev.LR, 1, 3, 0, {"lrs": {"g/pg1": 1.0, "g/pg2": 0.5}}),
+        (ev.LR, 2, 4, 0, {"lrs": {"g/pg1": 2, "g/pg2": 0.25}}),
+        (ev.LR, 3, 5, 1, {"lrs": {"g/pg1": 0.5, "g/pg2": 0.125}}),
+    ]
+    assert [e.data for e in seen] == ([e.data for e in events] if watching else [])
+    assert bus.history.lr["g/pg2"].values() == [(3, 0.5), (4, 0.25), (5, 0.125)]
+    assert (bus.history.step, bus.history.epoch) == (5, 1)
+
+    full = EventBus(BusConfig(run="t", pub=f"ipc://{rt}/f.pub", ctl=f"ipc://{rt}/f.ctl", queue_limit=1))
+    # not started: nothing drains the queue
+    assert full.publish_lr(tags, [1.0, 0.5], 1, 0) and not full.publish_lr(tags, [1.0, 0.5], 2, 0)
+    assert full.dropped == 1
 
 
 def test_watchers_see_the_kinds_they_asked_for(rt: Path, tmp_path: Path) -> None:
