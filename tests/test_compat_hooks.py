@@ -109,3 +109,8 @@ def test_the_tap_reads_train_metrics_without_making_lightning_compute_them_again
     train_steps = [step for kind, data, step in published if kind == "metric" and data["stage"] == "train"
                    and "train_loss" in data["metrics"]]
     assert train_steps == list(range(1, 11))
+    # without EventBus.publish_lr the tap publishes each step's LRs through ``publish`` as an lr event's data
+    lr = [(step, data) for kind, data, step in published if kind == "lr"]
+    assert [step for step, _ in lr] == list(range(10))
+    assert all(list(data) == ["lrs"] and data["lrs"] and all(type(v) is float for v in data["lrs"].values())
+               for _, data in lr)
