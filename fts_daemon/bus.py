@@ -529,8 +529,6 @@ class EventBus:
         self.seq += 1
         self.history.ingest_lr_row(step, epoch, tags, values)
         self._out(ev.StepEncoder.LR_TOPIC, body)
-        self._record(body)
-        self.published += 1
         return True
 
     def _emit_step(self, kind: str, data: dict[str, Any], step: int | None, epoch: int | None, ts: float) -> bool:
@@ -557,16 +555,17 @@ class EventBus:
         else:
             self.history.ingest_metric(step, epoch, metrics, stage)
         self._out(topic, body)
-        self._record(body)
-        self.published += 1
         return True
 
-    def _out(self, topic: bytes, body: bytes) -> None:
-        """Send an encoded event, or keep it for the burst that ends the batch being drained."""
+    def _out(self, topic: bytes, body: bytes, durable: bool = False) -> None:
+        """Send an encoded event (or keep it for the burst that ends the batch being drained), record it and count
+        it."""
         if self._burst is not None:
             self._burst.append((topic, body))
         else:
             self._send(topic, body)
+        self._record(body, durable)
+        self.published += 1
 
     def _record(self, body: bytes, durable: bool = False) -> None:
         """Append an event's line to events.jsonl (written through at once if ``durable``, else flushed with the
@@ -619,9 +618,7 @@ class EventBus:
             event.kind, event.data = ev.LOG, {"level": "error", "message": f"{kind} event too large to send"}
             frames = ev.encode_event(event)
         self.history.ingest(event)
-        self._out(frames[0], frames[1])
-        self._record(frames[1], event.kind in DURABLE_KINDS)
-        self.published += 1
+        self._out(frames[0], frames[1], event.kind in DURABLE_KINDS)
         self._last_send = time.monotonic()
         for watcher, kinds in list(self._watchers):
             if kinds is None or event.kind in kinds:
