@@ -83,7 +83,7 @@ def subscriber(pub: str, expect: int | None, idle: float) -> None:
     sub.setsockopt(zmq.SUBSCRIBE, ev.TOPIC_PREFIX.encode())
     sub.connect(pub)
     print(json.dumps({"ready": True}), flush=True)
-    count = gaps = lost = 0
+    count = gaps = lost = wakeups = 0
     last = None
     first_t = last_t = None
     cpu0: float | None = None
@@ -93,6 +93,7 @@ def subscriber(pub: str, expect: int | None, idle: float) -> None:
             break
         if cpu0 is None:
             cpu0 = time.process_time()
+        wakeups += 1
         while True:  # drain what has arrived (a batch) without a poll per event, as the TUI's client does
             try:
                 frames = sub.recv_multipart(zmq.NOBLOCK)
@@ -116,7 +117,7 @@ def subscriber(pub: str, expect: int | None, idle: float) -> None:
     # the whole process's CPU (its ZeroMQ I/O thread included) from the first event on
     cpu = time.process_time() - cpu0 if cpu0 is not None else 0.0
     print(json.dumps({"count": count, "gaps": gaps, "lost": lost, "elapsed": elapsed, "last_seq": last,
-                      "cpu_s": cpu}), flush=True)
+                      "cpu_s": cpu, "wakeups": wakeups}), flush=True)
 
 
 def start_subscriber(pub: str, expect: int | None = None, idle: float = 30.0) -> subprocess.Popen:
@@ -491,7 +492,8 @@ def windows(
                 sub_cpu = sub.get("cpu_s", 0.0) / max(1, sub["count"]) * 1e6
                 print(f"  {size} run {i + 1}/{runs}: stream on / off {_median(on):.3f} (median of {len(on)} pairs of windows of "
                       f"{win.steps} steps, the last {win.steps - win.guard} timed), off / off {_median(off):.3f}; subscriber "
-                      f"got {sub['count']} events ({sub['lost']} lost), its CPU {sub_cpu:.0f} us per event", flush=True)
+                      f"got {sub['count']} events ({sub['lost']} lost), its CPU {sub_cpu:.0f} us per event, "
+                      f"{sub['count'] / max(1, sub.get('wakeups', 0)):.1f} events per wake-up", flush=True)
         out[size] = {"ratio_median": _median(on_all), "windows": len(on_all),
                      "noise": _median([abs(x - 1) for x in off_all]), "null": _median(off_all), "ratios": on_all,
                      "interval": _median_interval(on_all, share=2),

@@ -818,3 +818,38 @@ def test_a_slow_op_runs_beside_the_stream_and_other_requests(rt: Path, tmp_path:
         release.set()
         ctx.destroy(linger=0)
         bus.close()
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(
+    _json_values,
+    st.sampled_from([(",", ":"), (", ", ": ")]),
+    st.sampled_from(["", " ", "\n", "\ufeff"]),
+    st.sampled_from(["", " ", "\n", "x", "}", "{}"]),
+    st.integers(0, 40),
+    st.sampled_from(["utf-8", "utf-8-sig", "utf-16", "str"]),
+)
+@example(None, (",", ":"), "", "", 40, "utf-8").via("an empty frame")
+def test_loads_reads_and_refuses_exactly_what_json_loads_does(
+    value: object, separators: tuple[str, str], before: str, after: str, cut: int, encoding: str
+) -> None:
+    """events.loads' short path (the C scanner, for compact UTF-8 bodies) must not change what a frame decodes to,
+    nor which frames are refused: whitespace, BOMs, other encodings, truncation and trailing bytes included."""
+    text = before + json.dumps(value, separators=separators) + after
+    text = text[: max(0, len(text) - cut)] if cut < 40 else ""
+    raw: bytes | str = text if encoding == "str" else text.encode(encoding)
+
+    def outcome(decode: object) -> tuple[str, str]:
+        try:
+            return "ok", json.dumps(decode(raw))  # type: ignore[operator]
+        except (ValueError, ev.ProtocolError):
+            return "refused", ""
+
+    assert outcome(ev.loads) == outcome(json.loads)
