@@ -7,6 +7,7 @@ Lightning, so they answer in a fraction of a second.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -18,6 +19,7 @@ from typing import Any
 
 from fts_daemon import registry
 from fts_daemon.client import Control, ControlError
+from fts_daemon.history import last_position
 
 # LightningCLI arguments passed through to the config (``--trainer.max_epochs=3``, ``--model.init_args.x=1``)
 PASSTHROUGH_PREFIXES = ("--trainer.", "--model.", "--data.", "--seed_everything", "--optimizer", "--lr_scheduler")
@@ -254,6 +256,10 @@ def _status(record: registry.RunRecord) -> dict[str, Any]:
             out.update({k: hello.get(k) for k in ("state", "phase", "step", "epoch", "daemon")}, reachable=True)
         except ControlError:
             pass
+    if not out["reachable"] and record.run_dir:
+        # a run that is not running any more: where its recording ends
+        with contextlib.suppress(OSError):
+            out["step"], out["epoch"] = last_position(record.run_dir)
     return out
 
 

@@ -98,6 +98,34 @@ def iter_events(path: Path, report: ReadReport) -> Iterator[ev.Event]:
         yield event
 
 
+def last_position(target: str | Path, tail_bytes: int = 256 * 1024) -> tuple[int | None, int | None]:
+    """The ``(step, epoch)`` of the last event in a recording that has them (None where none in its last
+    ``tail_bytes`` does): where a run that is no longer running stopped, without reading all of a long file."""
+    path = events_path(target)
+    with path.open("rb") as fh:
+        size = fh.seek(0, 2)
+        fh.seek(max(0, size - tail_bytes))
+        data = fh.read()
+    lines = data.split(b"\n")
+    if size > tail_bytes:
+        lines = lines[1:]  # starts mid-line
+    step = epoch = None
+    for raw in reversed(lines):
+        try:
+            obj = json.loads(raw)
+        except ValueError:  # blank, or a torn last line
+            continue
+        if not isinstance(obj, dict):
+            continue
+        if step is None and type(obj.get("step")) is int:
+            step = obj["step"]
+        if epoch is None and type(obj.get("epoch")) is int:
+            epoch = obj["epoch"]
+        if step is not None and epoch is not None:
+            break
+    return step, epoch
+
+
 def read_events(target: str | Path) -> tuple[list[ev.Event], ReadReport]:
     path = events_path(target)
     report = ReadReport(path=path)

@@ -70,6 +70,12 @@ def test_cli_lifecycle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         assert "SIGTERM: stopping after this step" in (run_dir / "daemon.log").read_text()
         assert registry.read_record("cli1").state == "finished"
         assert fts("status", "cli1", cwd=tmp_path).stdout.startswith("run cli1: finished")
+        # a run that has exited: step and epoch from where its recording ends
+        done = json.loads(fts("status", "cli1", "--json", cwd=tmp_path).stdout)
+        recorded = read_events(run_dir / "events.jsonl")
+        last_step = [e.step for e in recorded if e.step is not None][-1]
+        last_epoch = [e.epoch for e in recorded if e.epoch is not None][-1]
+        assert not done["reachable"] and (done["step"], done["epoch"]) == (last_step, last_epoch), done
 
 
 def test_cli_validate_plan_and_foreground_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

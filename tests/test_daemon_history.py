@@ -18,7 +18,7 @@ from fts_daemon import events as ev
 from fts_daemon import registry
 from fts_daemon.bus import BusConfig, EventBus
 from fts_daemon.client import Control, Follower
-from fts_daemon.history import RunHistory
+from fts_daemon.history import RunHistory, last_position
 from fts_daemon.runner import resolve_schedule_path
 from fts_tui.state import RunState
 from fts_tui.views import header_lines
@@ -44,6 +44,23 @@ def test_relative_schedule_path_becomes_absolute(tmp_path: Path, monkeypatch: py
     fts = SimpleNamespace(ft_schedule="s.yaml")
     resolve_schedule_path(fts, [str(tmp_path / "cfg" / "c.yaml")])
     assert fts.ft_schedule == str(tmp_path / "cfg" / "s.yaml")
+
+
+def test_last_position_reads_where_a_recording_ends(tmp_path: Path) -> None:
+    lines = [ev.event_to_json_line(ev.Event(ev.LR, seq, 1.0, "r", "d", {"lrs": {"a": 0.1}}, step=seq * 3,
+                                            epoch=seq // 100)) for seq in range(1, 2000)]
+    lines.append(ev.event_to_json_line(ev.Event(ev.METRIC, 2000, 1.0, "r", "d", {"metrics": {}}, epoch=42)))
+    lines.append(ev.event_to_json_line(ev.Event(ev.STATE, 2001, 1.0, "r", "d", {"state": "finished"})))
+    path = tmp_path / "events.jsonl"
+    path.write_text("\n".join(lines) + "\n" + '{"v":1,"kind":"lr","seq":2002,"step":9', encoding="utf-8")  # torn
+    # the last step is on an lr event, the last epoch on a later metric event; a state event has neither
+    assert last_position(tmp_path) == (1999 * 3, 42)
+    assert last_position(path, tail_bytes=300) == (None, 42)  # only the last ~2 lines read: no step in them
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "events.jsonl").write_text("")
+    assert last_position(tmp_path / "empty") == (None, None)
+    with pytest.raises(FileNotFoundError):
+        last_position(tmp_path / "nowhere")
 
 
 def test_history_of_an_earlier_start_is_replaced_where_a_resume_repeats_it() -> None:
