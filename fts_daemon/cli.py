@@ -257,7 +257,7 @@ def _status(record: registry.RunRecord) -> dict[str, Any]:
         except ControlError:
             pass
     if not out["reachable"] and record.run_dir:
-        # a run that is not running any more: where its recording ends
+        # a run that has exited (or does not answer): where its recording ends
         with contextlib.suppress(OSError):
             out["step"], out["epoch"] = last_position(record.run_dir)
     return out
