@@ -114,7 +114,8 @@ class FtsApp(App[None]):
         elif plan is not None:
             lr.border_subtitle = "┈ planned (t)"
         else:
-            lr.border_subtitle = f"no plan: {self.state.plan_error}" if self.state.plan_error else ""
+            error = self.state.plan_error or ""
+            lr.border_subtitle = error if error.startswith("no plan") or not error else f"no plan: {error}"
         metrics = self.metric_chart
         names = self.chosen_metrics()
         if self.overlay:

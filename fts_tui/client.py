@@ -162,6 +162,7 @@ class LiveSource:
         self._plan_rev = -1
         self._plan_at = -1e9
         self._plan_wait = plan_interval  # grows while plan requests fail (e.g. before training starts)
+        self._plan_refused_stepless = False  # the last plan request failed while the run had no step yet
         self.hello: dict[str, Any] = {}
         self.snapshots = 0  # snapshots applied (tests read it)
         self.snapshot_series = ""  # how the last one carried its series: "lists" or "packed"
@@ -418,6 +419,9 @@ class LiveSource:
             return
         if self.state.schedule_rev == self._plan_rev or (self._plan_task is not None and not self._plan_task.done()):
             return
+        if self._plan_refused_stepless and self.state.step is not None:
+            # refused for want of a training step, and training has one now: ask at once, not after the backoff
+            self._plan_refused_stepless, self._plan_wait, self._plan_at = False, self.plan_interval, -1e9
         if self.clock() - self._plan_at < self._plan_wait:
             return
         self._plan_rev, self._plan_at = self.state.schedule_rev, self.clock()
@@ -428,6 +432,7 @@ class LiveSource:
             result = await self.request("plan", timeout=max(self.request_timeout, PLAN_TIMEOUT_S), **plan_args(self.state))
         except RequestError as err:
             self.state.set_plan(None, str(err))
+            self._plan_refused_stepless = self.state.step is None
             if not self.state.finished:
                 # "no plan yet" passes once training starts: ask again without a schedule change, less often each time
                 self._plan_rev = -1

@@ -116,6 +116,17 @@ async def test_view_keys_log_plan_overlay_metrics_zoom() -> None:
         assert not lr.spec.log_y and "linear" in str(lr.border_title)
         await pilot.press("t")
         assert not any(t.dotted for t in lr.spec.traces) and "hidden" in str(lr.border_subtitle)
+        await pilot.press("t")
+        # the plan's absence says why once: the daemon's "no plan yet: ..." as it is, anything else after "no plan:"
+        for error, shown in (("no plan yet: the number of steps per epoch is known once training starts",
+                              "no plan yet: the number of steps per epoch is known once training starts"),
+                             ("no reply from the daemon", "no plan: no reply from the daemon")):
+            app.state.set_plan(None, error)
+            app.redraw()
+            await pilot.pause()
+            assert str(lr.border_subtitle) == shown
+        app.state.set_plan(plan_for())
+        await pilot.press("t")
         metrics = app.query_one("#metric-chart", Chart)
         assert [t.label for t in metrics.spec.traces] == ["train_loss", "val_loss"]
         await pilot.press("o")

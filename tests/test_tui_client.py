@@ -215,20 +215,27 @@ async def test_curve_keys_over_tcp(tmp_path: Path) -> None:
         bus.close()
 
 
-@pytest.mark.asyncio
-async def test_plan_is_asked_again_after_no_plan_yet() -> None:
-    """A TUI attached before training starts gets "no plan yet", then the plan without any schedule change."""
-    calls: list[float] = []
+def plan_bus(ready: Callable[[], bool], calls: list[float]) -> EventBus:
+    """A bus whose ``plan`` op refuses as a daemon does before training starts until ``ready()``; ``calls`` gets the
+    time of each request."""
 
     def plan(args: dict) -> dict:
         calls.append(time.monotonic())
-        if len(calls) < 3:
+        if not ready():
             raise OpError("no plan yet: the number of steps per epoch is known once training starts")
         return plan_for(args.get("changes"))
 
     b = EventBus(BusConfig(run="demo-explicit-reinit", pub="tcp://127.0.0.1:0", ctl="tcp://127.0.0.1:0", heartbeat_s=0.2))
     b.register("plan", plan, ("phase", "changes", "transition_epochs"))
     b.start()
+    return b
+
+
+@pytest.mark.asyncio
+async def test_plan_is_asked_again_after_no_plan_yet() -> None:
+    """A TUI attached before training starts gets "no plan yet", then the plan without any schedule change."""
+    calls: list[float] = []
+    b = plan_bus(lambda: len(calls) >= 3, calls)
     try:
         publish(b, EVENTS[:50])
         await until(lambda: b.seq >= 50)
@@ -237,6 +244,28 @@ async def test_plan_is_asked_again_after_no_plan_yet() -> None:
             await until(lambda: source.state.plan is not None)
             assert source.state.plan_error is None and len(calls) == 3
             assert calls[2] - calls[1] >= 0.3  # waits 0.1 * 2 * 2 after two failures: asked less often while it fails
+    finally:
+        b.close()
+
+
+@pytest.mark.asyncio
+async def test_plan_is_asked_at_once_when_training_has_its_first_step() -> None:
+    """Refused for want of a training step, the plan is asked for again as soon as an event carries one, not after
+    the backoff (4 s here after one refusal): the TUI attached to a starting daemon shows the plan with the first
+    steps."""
+    calls: list[float] = []
+    training = False
+    b = plan_bus(lambda: training, calls)
+    try:
+        b.publish("state", {"state": "starting", "error": None})
+        async with following(LiveSource(Target(ctl=b.endpoints[1]), heartbeat_timeout=2.0, plan_interval=2.0)) as source:
+            await until(lambda: source.state.plan_error is not None)
+            assert source.state.step is None and len(calls) == 1
+            training = True
+            began = time.monotonic()
+            b.publish("lr", {"lrs": {"lr-SGD/pg1": 0.1}}, 0, 0)
+            await until(lambda: source.state.plan is not None)
+            assert len(calls) == 2 and calls[1] - began < 2.0, calls  # the backoff alone would wait until ~4 s
     finally:
         b.close()
 
