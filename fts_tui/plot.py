@@ -12,8 +12,9 @@ their column with a thin dashed line and get a label on the row above the plot.
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 BRAILLE = 0x2800
 # dot bit for (row 0..3, column 0..1) inside a cell
@@ -51,6 +52,7 @@ class ChartSpec:
     x_label: str = "step"
     empty_text: str = "no data yet"
     legend_prefix: str = ""  # said once before the legend when every label shares it (``lr-AdamW/``)
+    x_max: float | None = None  # where the x axis ends (points beyond are left out) when not at the last point
 
 
 def color_for(index: int) -> str:
@@ -205,15 +207,22 @@ def render_chart(spec: ChartSpec, width: int, height: int) -> list[list[Run]]:
     """The chart as ``height`` rows of styled runs, each row ``width`` cells wide (legend not included)."""
     if width < 12 or height < 4:
         return [[(" " * width, "")] for _ in range(height)]
-    ys_t = [_transform(t.ys, spec.log_y) for t in spec.traces]
+    traces = spec.traces
+    if spec.x_max is not None:  # each trace's steps ascend: cut it where the axis ends (the y range fits what is left)
+        x_max = spec.x_max
+        traces = [t if not len(t.xs) or t.xs[-1] <= x_max else replace(t, xs=t.xs[:(n := bisect_right(t.xs, x_max))],
+                                                                         ys=t.ys[:n]) for t in traces]
+    ys_t = [_transform(t.ys, spec.log_y) for t in traces]
     y_ext = [e for e in (_extent(v) for v in ys_t) if e is not None]
-    x_ext = [(min(t.xs), max(t.xs)) for t in spec.traces if len(t.xs)]
+    x_ext = [(min(t.xs), max(t.xs)) for t in traces if len(t.xs)]
     if not y_ext or not x_ext:
         msg = spec.empty_text[:width].center(width)
         blank = [(" " * width, "")]
         return [blank if i != height // 2 else [(msg, AXIS_STYLE)] for i in range(height)]
     ylo, yhi = _pad(min(e[0] for e in y_ext), max(e[1] for e in y_ext))
     xlo, xhi = min(e[0] for e in x_ext), max(e[1] for e in x_ext)
+    if spec.x_max is not None and spec.x_max > xlo:
+        xhi = spec.x_max  # the axis runs to where it was asked to end, even past the last point shown
     if xhi == xlo:
         xhi = xlo + 1
     plot_h = height - 2  # one row for marker labels, one for the x axis
@@ -228,7 +237,7 @@ def render_chart(spec: ChartSpec, width: int, height: int) -> list[list[Run]]:
     gutter = max(len(s) for s in labels.values()) + 1
     plot_w = width - gutter
     canvas = Canvas(plot_w, plot_h)
-    for trace, ys in sorted(zip(spec.traces, ys_t), key=lambda p: not p[0].dotted):
+    for trace, ys in sorted(zip(traces, ys_t), key=lambda p: not p[0].dotted):
         canvas.polyline(_pixels(trace.xs, ys, xlo, xhi, ylo, yhi, plot_w * 2, plot_h * 4), trace.color, trace.dotted)
 
     marker_cols: dict[int, str] = {}

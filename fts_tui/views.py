@@ -199,8 +199,30 @@ def lr_chart(state: RunState, log_y: bool, show_plan: bool) -> tuple[ChartSpec, 
                 legend.append(LegendEntry(tag, colors[tag], True))
             traces.append(Trace(f"{tag} (plan)", steps, values, colors[tag], dotted=True))
         legend.append(LegendEntry("planned", "#9e9e9e", True))
-    spec = ChartSpec(traces=traces, markers=_markers(state, plan is not None), log_y=log_y, y_format="lr")
+    spec = ChartSpec(traces=traces, markers=_markers(state, plan is not None), log_y=log_y, y_format="lr",
+                     x_max=_lr_axis_end(state, plan))
     return spec, _shared_prefix_once(spec, legend)
+
+
+# how far past the next planned transition the LR chart's axis runs (so that its marker is not on the edge)
+LR_AXIS_MARGIN = 1.25
+
+
+def _lr_axis_end(state: RunState, plan: PlanData | None) -> float | None:
+    """Where the LR chart's x axis ends while the plan is drawn: a quarter past the next planned transition (or the
+    current step, if the plan has it behind), so that the run so far and the phase ahead fill the chart; a whole
+    plan of many epochs would leave the steps run so far a sliver at its left edge. None (the whole plan) once no
+    transition is ahead, or where that would reach the plan's end anyway."""
+    if plan is None:
+        return None
+    ahead = [float(p["step"]) for p in plan.phase_starts
+             if isinstance(p.get("phase"), int) and p["phase"] > state.phase and p.get("step") is not None]
+    if not ahead:
+        return None
+    now = float(state.step or 0)
+    end = max(now, min(ahead)) * LR_AXIS_MARGIN
+    last = max(plan.steps[-1] if plan.steps else 0.0, now)
+    return end if 0 < end < last else None
 
 
 def _shared_prefix_once(spec: ChartSpec, legend: list[LegendEntry]) -> list[LegendEntry]:

@@ -17,7 +17,9 @@ from fts_tui.plot import ChartSpec, Marker, Trace, render_chart
 from fts_tui.replay import read_events
 from fts_tui.series import Series
 from fts_tui.state import PLAN_CHART_POINTS, PlanData, RunState, summarize_params
-from tests.data.make_recordings import build_run
+from fts_tui.views import lr_chart
+from tests.data.make_recordings import build_run, plan_for
+from tests.test_tui_app import MID_RUN
 
 DATA = Path(__file__).resolve().parent / "data"
 DEMO = DATA / "demo_run"
@@ -269,6 +271,37 @@ def test_chart_rendering_shapes_markers_and_log_axis() -> None:
     assert text[-1].strip().startswith("step")
     empty = render_chart(ChartSpec(empty_text="no data yet"), 30, 6)
     assert any("no data yet" in "".join(t for t, _ in row) for row in empty)
+
+
+def test_chart_x_max_cuts_the_traces_and_ends_the_axis_there() -> None:
+    near = Trace("now", [0, 10, 20], [1.0, 2.0, 3.0])
+    far = Trace("plan", [0, 50, 100, 150], [1.0, 100.0, 200.0, 300.0], dotted=True)
+    markers = [Marker(60, "P1"), Marker(120, "P2")]
+    rows = render_chart(ChartSpec([near, far], markers, x_max=80), 60, 10)
+    text = ["".join(t for t, _ in row) for row in rows]
+    assert text[-1].rstrip().endswith("80")  # the axis ends at x_max, not at the last point (150)
+    assert "P1" in text[0] and "P2" not in text[0]  # a marker beyond the axis is not drawn
+    assert float(text[1].split("┤")[0]) < 150  # the y range fits the points shown (100 at x=50), not 300
+    whole = render_chart(ChartSpec([near, far], markers), 60, 10)
+    assert "".join(t for t, _ in whole[-1]).rstrip().endswith("150") and "P2" in "".join(t for t, _ in whole[0])
+
+
+def test_lr_chart_axis_ends_a_quarter_past_the_next_planned_transition() -> None:
+    """A long plan would leave the steps run so far a sliver at the left: with the plan drawn, the LR chart's axis
+    runs to a quarter past the next planned transition, and over the whole plan once none is ahead."""
+    state = RunState()
+    state.load_events(build_run()[:MID_RUN])  # phase 2 at step 374; phase 3 is planned to start at step 400
+    long_plan = plan_for(steps_per_epoch=400)  # the same phases at ten times the steps: the run is ~4% in
+    state.set_plan(long_plan)
+    starts = {p["phase"]: p["step"] for p in state.plan.phase_starts}
+    assert state.phase == 2 and state.step == 374 and starts[3] == 4000
+    spec, _ = lr_chart(state, log_y=True, show_plan=True)
+    assert spec.x_max == pytest.approx(4000 * 1.25)
+    assert lr_chart(state, log_y=True, show_plan=False)[0].x_max is None  # no plan drawn: the run so far
+    state.set_plan(plan_for())  # phase 3 at step 400, the plan ends at 559: a quarter past 400 is nearly its end
+    assert lr_chart(state, log_y=True, show_plan=True)[0].x_max == pytest.approx(500)
+    state.load_events(build_run()[MID_RUN:])  # finished in phase 3: no transition ahead
+    assert lr_chart(state, log_y=True, show_plan=True)[0].x_max is None
 
 
 @pytest.mark.parametrize("series", ["lists", "packed"])
