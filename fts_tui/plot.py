@@ -52,7 +52,7 @@ class ChartSpec:
     x_label: str = "step"
     empty_text: str = "no data yet"
     legend_prefix: str = ""  # said once before the legend when every label shares it (``lr-AdamW/``)
-    x_max: float | None = None  # where the x axis ends (points beyond are left out) when not at the last point
+    x_max: float | None = None  # where the x axis ends, points beyond it left out (None: at the last point)
 
 
 def color_for(index: int) -> str:
@@ -203,15 +203,20 @@ def _merge_runs(cells: list[Run]) -> list[Run]:
     return out
 
 
+def _cut(trace: Trace, x_max: float) -> Trace:
+    """``trace`` without its points beyond ``x_max`` (its steps ascend)."""
+    if not len(trace.xs) or trace.xs[-1] <= x_max:
+        return trace
+    n = bisect_right(trace.xs, x_max)
+    return replace(trace, xs=trace.xs[:n], ys=trace.ys[:n])
+
+
 def render_chart(spec: ChartSpec, width: int, height: int) -> list[list[Run]]:
     """The chart as ``height`` rows of styled runs, each row ``width`` cells wide (legend not included)."""
     if width < 12 or height < 4:
         return [[(" " * width, "")] for _ in range(height)]
-    traces = spec.traces
-    if spec.x_max is not None:  # each trace's steps ascend: cut it where the axis ends (the y range fits what is left)
-        x_max = spec.x_max
-        traces = [t if not len(t.xs) or t.xs[-1] <= x_max else replace(t, xs=t.xs[:(n := bisect_right(t.xs, x_max))],
-                                                                         ys=t.ys[:n]) for t in traces]
+    # cut where the axis ends, so that the y range fits what is shown
+    traces = spec.traces if spec.x_max is None else [_cut(t, spec.x_max) for t in spec.traces]
     ys_t = [_transform(t.ys, spec.log_y) for t in traces]
     y_ext = [e for e in (_extent(v) for v in ys_t) if e is not None]
     x_ext = [(min(t.xs), max(t.xs)) for t in traces if len(t.xs)]
