@@ -24,6 +24,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.timer import Timer
+from textual.widget import Widget
 from textual.widgets import Footer
 from textual.worker import Worker, WorkerState
 
@@ -70,6 +71,7 @@ class FtsApp(App[None]):
         self.frames = 0  # redraws that changed something (the bench reads it)
         self._frame_at = -1e9  # time.monotonic() of the last redraw that changed something
         self._frame_timer: Timer | None = None  # a redraw scheduled by data_arrived, not yet run
+        self._shown_titles: dict[str | None, tuple[str, str]] = {}  # per panel id: its border title and subtitle
         self._news_since: float | None = None  # time.monotonic() of the first news the scheduled frame will show
         self.after_redraw: Callable[[FtsApp], None] | None = None  # bench hook
 
@@ -107,22 +109,28 @@ class FtsApp(App[None]):
 
     def _titles(self) -> None:
         lr = self.lr_chart
-        lr.border_title = "learning rate" + (" · log-y" if self.log_y else " · linear")
         plan = self.state.plan
         if not self.show_plan:
-            lr.border_subtitle = "plan hidden (t)"
+            lr_subtitle = "plan hidden (t)"
         elif plan is not None:
-            lr.border_subtitle = "┈ planned (t)"
+            lr_subtitle = "┈ planned (t)"
         else:
             error = self.state.plan_error or ""
-            lr.border_subtitle = error if error.startswith("no plan") or not error else f"no plan: {error}"
-        metrics = self.metric_chart
+            lr_subtitle = error if error.startswith("no plan") or not error else f"no plan: {error}"
+        self._set_titles(lr, "learning rate" + (" · log-y" if self.log_y else " · linear"), lr_subtitle)
         names = self.chosen_metrics()
         if self.overlay:
-            metrics.border_title = f"{names[0] if names else 'metric'} by phase (aligned at phase start)"
+            title = f"{names[0] if names else 'metric'} by phase (aligned at phase start)"
         else:
-            metrics.border_title = "metrics"
-        metrics.border_subtitle = "m: choose · o: overlay"
+            title = "metrics"
+        self._set_titles(self.metric_chart, title, "m: choose · o: overlay")
+
+    def _set_titles(self, widget: Widget, title: str, subtitle: str) -> None:
+        """Set a panel's border title and subtitle if they changed: Textual repaints the whole widget on every
+        assignment, and this runs with every frame that brings metrics."""
+        if self._shown_titles.get(widget.id) != (title, subtitle):
+            self._shown_titles[widget.id] = (title, subtitle)
+            widget.border_title, widget.border_subtitle = title, subtitle
 
     def chosen_metrics(self) -> list[str]:
         return self.metric_names if self.metric_names is not None else default_metrics(self.state)

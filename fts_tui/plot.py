@@ -12,9 +12,11 @@ their column with a thin dashed line and get a label on the row above the plot.
 from __future__ import annotations
 
 import math
-from bisect import bisect_right
+import operator
+from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from itertools import islice
 
 BRAILLE = 0x2800
 # dot bit for (row 0..3, column 0..1) inside a cell
@@ -26,6 +28,8 @@ MARKER_STYLE = "#9e9e9e"
 LABEL_STYLE = "bold #bdbdbd"
 
 Run = tuple[str, str]  # (text, rich style)
+# traces longer than this are reduced to a few points per pixel column before drawing (see _reduce)
+REDUCE_OVER = 64
 
 
 @dataclass
@@ -53,6 +57,25 @@ class ChartSpec:
     empty_text: str = "no data yet"
     legend_prefix: str = ""  # said once before the legend when every label shares it (``lr-AdamW/``)
     x_max: float | None = None  # where the x axis ends, points beyond it left out (None: at the last point)
+
+
+# the ends a growing x axis takes (see live_axis_end), in tenths of a power of ten: ~10% apart, at most 17%
+_AXIS_ENDS = (10, 11, 12, 13, 14, 15, 16, 18, 20, 22, 25, 28, 30, 35, 40, 45, 50, 55, 60, 70, 80, 90, 100)
+
+
+def live_axis_end(last: float) -> float | None:
+    """Where the x axis of a chart that is still growing ends: the first round value at or past ``last`` (``1.1``,
+    ``1.2`` … ``9``, ``10`` times a power of ten), None for ``last <= 0``. An axis that ended at the newest point
+    would move every point of the chart with every frame; this one stays put until the run passes its end, so a
+    frame changes only the dots at the line's end (and the chart widget repaints only those rows)."""
+    if not last > 0 or not math.isfinite(last):
+        return None
+    power = 10.0 ** math.floor(math.log10(last))
+    for tenths in _AXIS_ENDS:
+        end = tenths * power / 10  # exact for steps (power >= 1)
+        if end >= last:
+            return end
+    return 10 * power  # log10 rounding put ``last`` just past 10 × power
 
 
 def color_for(index: int) -> str:
@@ -122,47 +145,63 @@ class Canvas:
         Each pixel column gets the vertical span the line covers in it, filled a cell at a time, so the cost is
         about columns × cells spanned, whatever the number of points. Dotted lines skip every third column.
         """
-        spans: dict[int, list[int]] = {}
-
-        def cover(px: int, lo: int, hi: int) -> None:
-            span = spans.get(px)
-            if span is None:
-                spans[px] = [lo, hi]
-            else:
-                span[0] = min(span[0], lo)
-                span[1] = max(span[1], hi)
-
+        n_px = self.width * 2
+        # per pixel column, the lowest and highest pixel row covered (lo > hi: nothing); plain lists and inline
+        # comparisons because this loop runs for every point of every trace in every frame
+        span_lo = [1 << 30] * n_px
+        span_hi = [-1] * n_px
         prev: tuple[int, int] | None = None
         for p in pts:
             if p is None:
                 prev = None
                 continue
+            px, py = p
             if prev is None:
-                cover(p[0], p[1], p[1])
-            elif abs(p[0] - prev[0]) <= 1:  # dense data: neighbouring columns, split the step between them
-                a, b = (prev, p) if prev[0] <= p[0] else (p, prev)
-                if a[0] == b[0]:
-                    cover(a[0], min(a[1], b[1]), max(a[1], b[1]))
-                else:
-                    mid = (a[1] + b[1]) / 2
-                    cover(a[0], int(round(min(a[1], mid))), int(round(max(a[1], mid))))
-                    cover(b[0], int(round(min(b[1], mid))), int(round(max(b[1], mid))))
-            else:
-                (x0, y0), (x1, y1) = prev, p
-                if x1 < x0:
-                    (x0, y0), (x1, y1) = (x1, y1), (x0, y0)
-                slope = (y1 - y0) / (x1 - x0)
-                for c in range(x0, x1 + 1):
-                    ya = y0 + slope * (max(c - 0.5, x0) - x0)
-                    yb = y0 + slope * (min(c + 0.5, x1) - x0)
-                    cover(c, int(round(min(ya, yb))), int(round(max(ya, yb))))
+                if 0 <= px < n_px:
+                    if py < span_lo[px]:
+                        span_lo[px] = py
+                    if py > span_hi[px]:
+                        span_hi[px] = py
+                prev = p
+                continue
+            qx, qy = prev
             prev = p
+            if qx == px:
+                if 0 <= px < n_px:
+                    lo, hi = (qy, py) if qy <= py else (py, qy)
+                    if lo < span_lo[px]:
+                        span_lo[px] = lo
+                    if hi > span_hi[px]:
+                        span_hi[px] = hi
+                continue
+            if qx > px:
+                qx, qy, px, py = px, py, qx, qy
+            if px - qx == 1:  # dense data: neighbouring columns, split the step between them
+                mid = (qy + py) / 2
+                for cx, cy in ((qx, qy), (px, py)):
+                    if 0 <= cx < n_px:
+                        lo, hi = (round(cy), round(mid)) if cy <= mid else (round(mid), round(cy))
+                        if lo < span_lo[cx]:
+                            span_lo[cx] = lo
+                        if hi > span_hi[cx]:
+                            span_hi[cx] = hi
+                continue
+            slope = (py - qy) / (px - qx)
+            for c in range(max(qx, 0), min(px, n_px - 1) + 1):
+                ya = qy + slope * (max(c - 0.5, qx) - qx)
+                yb = qy + slope * (min(c + 0.5, px) - qx)
+                lo, hi = (round(ya), round(yb)) if ya <= yb else (round(yb), round(ya))
+                if lo < span_lo[c]:
+                    span_lo[c] = lo
+                if hi > span_hi[c]:
+                    span_hi[c] = hi
         bits, colors = self.bits, (self.dotted if dotted else self.solid)
         max_py = self.height * 4 - 1
-        for px, (lo, hi) in spans.items():
-            cx = px >> 1
-            if not 0 <= cx < self.width or (dotted and px % 3 == 2):
+        for px in range(n_px):
+            lo, hi = span_lo[px], span_hi[px]
+            if lo > hi or (dotted and px % 3 == 2):
                 continue
+            cx = px >> 1
             lo, hi = max(lo, 0), min(hi, max_py)
             masks = _MASKS[px & 1]
             for cy in range(lo >> 2, (hi >> 2) + 1):
@@ -193,6 +232,56 @@ def _pixels(xs: Sequence[float], ys: list[float], xlo: float, xhi: float, ylo: f
     return out
 
 
+def _column_of(x: float, xlo: float, sx: float) -> int:
+    return int((x - xlo) * sx + 0.5)  # the same rounding as _pixels
+
+
+def _reducible(xs: Sequence[float], ys: Sequence[float], log_y: bool) -> bool:
+    """Whether :func:`_reduce` draws this trace exactly as it is: steps finite and ascending, values all finite (and
+    positive on a log axis, where the others would break the line). Checked at C speed (``sum``, ``map``)."""
+    if len(xs) != len(ys) or not xs:
+        return False
+    try:
+        if not (math.isfinite(sum(ys)) and math.isfinite(xs[0]) and math.isfinite(xs[-1])):
+            return False
+    except TypeError:  # None among the values
+        return False
+    if log_y and min(ys) <= 0:
+        return False
+    return all(map(operator.le, xs, islice(xs, 1, None)))
+
+
+def _reduce(xs: Sequence[float], ys: Sequence[float], xlo: float, sx: float) -> tuple[list[float], list[float]]:
+    """The points of a dense trace that decide its drawing: per pixel column, its first and last points (which join
+    it to its neighbours) and its lowest and highest (its vertical span), in step order; the rest lie between and
+    change no dot. A live series holds thousands of points for a few hundred columns, and the per-point work in
+    :func:`_pixels` and :meth:`Canvas.polyline` was most of the TUI's CPU while following a fast run. The column
+    ends are found by bisection and the extremes by ``min``/``max`` over slices, so the Python-level work follows
+    the columns, not the points. Needs :func:`_reducible`."""
+    n = len(xs)
+    out_x: list[float] = []
+    out_y: list[float] = []
+    i = 0
+    while i < n:
+        col = _column_of(xs[i], xlo, sx)
+        j = bisect_left(xs, xlo + (col + 0.5) / sx, i + 1)
+        # the bisection's boundary is computed in floating point: settle it with the rounding _pixels uses
+        while j > i + 1 and _column_of(xs[j - 1], xlo, sx) > col:
+            j -= 1
+        while j < n and _column_of(xs[j], xlo, sx) <= col:
+            j += 1
+        if j - i <= 4:
+            out_x.extend(xs[i:j])
+            out_y.extend(ys[i:j])
+        else:
+            seg = ys[i:j]
+            for k in sorted({0, seg.index(min(seg)), seg.index(max(seg)), j - i - 1}):
+                out_x.append(xs[i + k])
+                out_y.append(seg[k])
+        i = j
+    return out_x, out_y
+
+
 def _merge_runs(cells: list[Run]) -> list[Run]:
     out: list[Run] = []
     for text, style in cells:
@@ -217,8 +306,21 @@ def render_chart(spec: ChartSpec, width: int, height: int) -> list[list[Run]]:
         return [[(" " * width, "")] for _ in range(height)]
     # cut where the axis ends, so that the y range fits what is shown
     traces = spec.traces if spec.x_max is None else [_cut(t, spec.x_max) for t in spec.traces]
-    ys_t = [_transform(t.ys, spec.log_y) for t in traces]
-    y_ext = [e for e in (_extent(v) for v in ys_t) if e is not None]
+    # a long trace of finite values has its extent read at C speed and is reduced to what its columns need once the
+    # plot's width is known (that width depends on the y labels, hence on the extent); the others are drawn point
+    # by point
+    ys_t: list[list[float] | None] = []
+    y_ext: list[tuple[float, float]] = []
+    for t in traces:
+        if len(t.xs) > REDUCE_OVER and _reducible(t.xs, t.ys, spec.log_y):
+            lo, hi = min(t.ys), max(t.ys)
+            y_ext.append((math.log10(lo), math.log10(hi)) if spec.log_y else (lo, hi))
+            ys_t.append(None)
+        else:
+            ys_t.append(_transform(t.ys, spec.log_y))
+            ext = _extent(ys_t[-1])
+            if ext is not None:
+                y_ext.append(ext)
     x_ext = [(min(t.xs), max(t.xs)) for t in traces if len(t.xs)]
     if not y_ext or not x_ext:
         msg = spec.empty_text[:width].center(width)
@@ -242,8 +344,13 @@ def render_chart(spec: ChartSpec, width: int, height: int) -> list[list[Run]]:
     gutter = max(len(s) for s in labels.values()) + 1
     plot_w = width - gutter
     canvas = Canvas(plot_w, plot_h)
+    sx = (plot_w * 2 - 1) / (xhi - xlo)  # as in _pixels
     for trace, ys in sorted(zip(traces, ys_t), key=lambda p: not p[0].dotted):
-        canvas.polyline(_pixels(trace.xs, ys, xlo, xhi, ylo, yhi, plot_w * 2, plot_h * 4), trace.color, trace.dotted)
+        xs = trace.xs
+        if ys is None:
+            xs, ys = _reduce(trace.xs, trace.ys, xlo, sx)
+            ys = _transform(ys, spec.log_y)
+        canvas.polyline(_pixels(xs, ys, xlo, xhi, ylo, yhi, plot_w * 2, plot_h * 4), trace.color, trace.dotted)
 
     marker_cols: dict[int, str] = {}
     for m in spec.markers:

@@ -9,7 +9,7 @@ from pathlib import PurePath
 from typing import Any
 
 from fts_tui.edits import effective_phase
-from fts_tui.plot import ChartSpec, Marker, Trace, color_for
+from fts_tui.plot import ChartSpec, Marker, Trace, color_for, live_axis_end
 from fts_tui.state import PhaseInfo, PlanData, RunState, fmt_num, scheduler_summary, summarize_params
 
 Cell = tuple[str, str]  # (text, rich style)
@@ -199,9 +199,19 @@ def lr_chart(state: RunState, log_y: bool, show_plan: bool) -> tuple[ChartSpec, 
                 legend.append(LegendEntry(tag, colors[tag], True))
             traces.append(Trace(f"{tag} (plan)", steps, values, colors[tag], dotted=True))
         legend.append(LegendEntry("planned", "#9e9e9e", True))
+    x_max = _lr_axis_end(state, plan)
     spec = ChartSpec(traces=traces, markers=_markers(state, plan is not None), log_y=log_y, y_format="lr",
-                     x_max=_lr_axis_end(state, plan))
+                     x_max=x_max if x_max is not None else _growing_axis_end(state, traces))
     return spec, _shared_prefix_once(spec, legend)
+
+
+def _growing_axis_end(state: RunState, traces: Sequence[Trace]) -> float | None:
+    """While a live run adds points, the x axis ends at a round value past the newest (``live_axis_end``), so that
+    it does not move with every frame; at the newest point (None) otherwise."""
+    if state.connection != "live" or state.finished:
+        return None
+    ends = [t.xs[-1] for t in traces if len(t.xs) and not t.dotted]
+    return live_axis_end(max(ends)) if ends else None
 
 
 # how far past the next planned transition the LR chart's axis runs (so that its marker is not on the edge)
@@ -278,14 +288,16 @@ def metric_chart(state: RunState, names: Sequence[str], overlay: bool) -> tuple[
             color = color_for(phase)
             traces.append(Trace(f"phase {phase}", xs, ys, color))
             legend.append(LegendEntry(f"{name} · phase {phase}", color))
-        return ChartSpec(traces=traces, x_label="+step", empty_text="no metrics yet"), legend
+        return ChartSpec(traces=traces, x_label="+step", empty_text="no metrics yet",
+                         x_max=_growing_axis_end(state, traces)), legend
     all_names = state.metric_names()
     for name in names:
         color = color_for(all_names.index(name))
         xs, ys = state.metrics[name].points()
         traces.append(Trace(name, xs, ys, color))
         legend.append(LegendEntry(f"{name} ({state.metric_stage.get(name, '?')})", color))
-    return ChartSpec(traces=traces, markers=_markers(state, False), empty_text="no metrics yet"), legend
+    return ChartSpec(traces=traces, markers=_markers(state, False), empty_text="no metrics yet",
+                     x_max=_growing_axis_end(state, traces)), legend
 
 
 LEVEL_STYLE = {"info": "", "warning": "#ffb74d", "error": "bold #e57373"}

@@ -360,6 +360,45 @@ async def test_mouse_selects_phases_and_focuses_panels() -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_frame_repaints_only_the_chart_rows_that_changed() -> None:
+    """Following a run, most frames change a row or two of each chart: only those are handed to Textual (the
+    charts' titles, set with every frame, must not repaint the whole widget either), and what stays on screen is
+    what a full repaint shows."""
+    events = build_run()
+    source = MemorySource(label="rows")
+    source.feed(events[:300])
+    app = FtsApp(source)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause(0.3)
+        charts = [app.lr_chart, app.metric_chart]
+        painted: list[int] = []
+        for chart in charts:
+            draw = chart.render_line
+
+            def counting(y: int, draw=draw) -> Any:
+                painted.append(y)
+                return draw(y)
+
+            chart.render_line = counting  # type: ignore[method-assign]
+        frames, asked = app.frames, [c.repainted_rows for c in charts]
+        for i in range(300, 340, 4):  # ten small bursts: a few steps' LRs and metrics each
+            source.feed(events[i : i + 4])
+            await pilot.pause(0.12)
+        assert app.frames >= frames + 5
+        asked = [c.repainted_rows - a for c, a in zip(charts, asked)]
+        rows = sum(c.size.height for c in charts)
+        # Textual painted what the charts asked for (a frame can change a row of each, or none), not whole charts
+        assert len(painted) == sum(asked) < (app.frames - frames) * rows / 4
+        shown = [[s.text for s in c.render_lines(c.size.region)] for c in charts]
+        for chart in charts:
+            chart.set_chart(chart.spec, chart.legend)
+            chart._rows = None  # force a build from scratch, then a repaint of every row
+            chart.refresh()
+        await pilot.pause(0.1)
+        assert [[s.text for s in c.render_lines(c.size.region)] for c in charts] == shown
+
+
+@pytest.mark.asyncio
 async def test_a_burst_is_drawn_when_it_arrives_and_frames_keep_their_pace() -> None:
     # one frame a second at most, and a tick as slow: a burst drawn within 0.2 s was drawn because it arrived
     source = MemorySource(label="burst")

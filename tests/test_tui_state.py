@@ -13,11 +13,12 @@ from hypothesis import strategies as st
 
 from fts_daemon.bus import RunHistory
 from fts_daemon.events import Event, ProtocolError
-from fts_tui.plot import ChartSpec, Marker, Trace, render_chart
+from fts_tui import plot
+from fts_tui.plot import ChartSpec, Marker, Trace, live_axis_end, render_chart
 from fts_tui.replay import read_events
 from fts_tui.series import Series
 from fts_tui.state import PLAN_CHART_POINTS, PlanData, RunState, summarize_params
-from fts_tui.views import lr_chart
+from fts_tui.views import lr_chart, metric_chart
 from tests.data.make_recordings import build_run, plan_for
 from tests.test_tui_app import MID_RUN
 
@@ -302,6 +303,80 @@ def test_lr_chart_axis_ends_a_quarter_past_the_next_planned_transition() -> None
     assert lr_chart(state, log_y=True, show_plan=True)[0].x_max == pytest.approx(500)
     state.load_events(build_run()[MID_RUN:])  # finished in phase 3: no transition ahead
     assert lr_chart(state, log_y=True, show_plan=True)[0].x_max is None
+
+
+def _trace_strategy() -> st.SearchStrategy[Trace]:
+    """Traces as the charts get them (steps ascending, repeats allowed), long enough to be reduced, with values
+    that are smooth, noisy, flat, or hold zeros, negatives and gaps (NaN, None) that must be drawn point by point."""
+    value = st.one_of(st.floats(-1e3, 1e3), st.sampled_from([0.0, 1e-7, 1e-3, 0.5]))
+    odd = st.one_of(value, st.sampled_from([math.nan, math.inf, None]))
+
+    @st.composite
+    def trace(draw: st.DrawFn) -> Trace:
+        n = draw(st.integers(plot.REDUCE_OVER + 1, 400))
+        start = draw(st.integers(0, 10_000))
+        steps = [start]
+        for gap in draw(st.lists(st.integers(0, 40), min_size=n - 1, max_size=n - 1)):
+            steps.append(steps[-1] + gap)
+        kind = draw(st.sampled_from(["smooth", "noisy", "flat", "odd"]))
+        if kind == "smooth":
+            scale, period = draw(st.floats(1e-6, 1e2)), draw(st.integers(3, 60))
+            ys = [scale * (1.5 + math.sin(i / period)) for i in range(n)]
+        elif kind == "flat":
+            ys = [draw(value)] * n
+        else:
+            ys = draw(st.lists(odd if kind == "odd" else value, min_size=n, max_size=n))
+        return Trace("t", [float(x) for x in steps], ys, dotted=draw(st.booleans()))
+
+    return trace()
+
+
+@settings(max_examples=300, deadline=None)
+@given(traces=st.lists(_trace_strategy(), min_size=1, max_size=3), log_y=st.booleans(),
+       cut=st.one_of(st.none(), st.floats(0.2, 1.3)), width=st.integers(12, 120), height=st.integers(4, 30))
+def test_long_traces_are_drawn_exactly_as_point_by_point(traces: list[Trace], log_y: bool, cut: float | None,
+                                                         width: int, height: int) -> None:
+    """A long trace is reduced to a few points per pixel column before drawing: the chart must be the very same as
+    when every point is drawn (what each column spans, how neighbours join, the y range and its labels)."""
+    last = max(t.xs[-1] for t in traces)
+    spec = ChartSpec(traces, [Marker(traces[0].xs[len(traces[0].xs) // 2], "P1")], log_y=log_y,
+                     x_max=None if cut is None else last * cut)
+    reduced = render_chart(spec, width, height)
+    kept = plot.REDUCE_OVER
+    plot.REDUCE_OVER = 10**9  # every trace drawn point by point
+    try:
+        whole = render_chart(spec, width, height)
+    finally:
+        plot.REDUCE_OVER = kept
+    assert reduced == whole
+
+
+def test_a_growing_axis_ends_at_a_round_value_past_the_newest_point() -> None:
+    assert [live_axis_end(x) for x in (1, 7, 95, 101, 369, 1000, 1001, 20_345)] == [
+        1, 7, 100, 110, 400, 1000, 1100, 22_000]
+    assert live_axis_end(0) is None and live_axis_end(-5) is None and live_axis_end(math.nan) is None
+    ends = [live_axis_end(float(x)) for x in range(1, 30_000, 7)]
+    assert all(e is not None and x <= e <= 1.17 * x for x, e in zip(range(1, 30_000, 7), ends))
+    assert len(set(ends)) < len(ends) / 50  # it stays put while the run grows: ~10% at a time
+
+
+def test_charts_of_a_live_run_leave_room_to_grow_and_a_finished_one_ends_at_its_last_step() -> None:
+    state = RunState()
+    state.load_events(build_run()[:MID_RUN])
+    state.set_connection("live")
+    spec, _ = metric_chart(state, ["train_loss"], overlay=False)
+    last = max(t.xs[-1] for t in spec.traces)
+    assert spec.x_max == live_axis_end(last) and spec.x_max > last
+    assert metric_chart(state, ["train_loss"], overlay=True)[0].x_max is not None
+    assert lr_chart(state, log_y=True, show_plan=False)[0].x_max == live_axis_end(state.step)
+    state.set_plan(plan_for())  # with the plan drawn, the axis runs past the next planned transition instead
+    assert lr_chart(state, log_y=True, show_plan=True)[0].x_max == pytest.approx(500)
+    state.set_connection("lost")  # nothing arrives: the axis ends at the newest point
+    assert metric_chart(state, ["train_loss"], overlay=False)[0].x_max is None
+    state.set_connection("live")
+    state.load_events(build_run()[MID_RUN:])  # finished
+    assert metric_chart(state, ["train_loss"], overlay=False)[0].x_max is None
+    assert lr_chart(state, log_y=True, show_plan=False)[0].x_max is None
 
 
 @pytest.mark.parametrize("series", ["lists", "packed"])

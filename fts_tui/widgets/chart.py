@@ -1,4 +1,10 @@
-"""A braille line chart (legend on top) drawn with the line API from :func:`fts_tui.plot.render_chart`."""
+"""A braille line chart (legend on top) drawn with the line API from :func:`fts_tui.plot.render_chart`.
+
+Following a fast run, a chart gets new data every frame (about ten a second), but most frames change a row or two
+of it: one more dot at the line's end, a tick label. A chart on screen therefore renders the new data at once,
+compares the rows with those it shows, and asks Textual to repaint only the rows that differ (none, often), rather
+than the whole widget: repainting every row of both charts was most of the TUI's CPU while following a run.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +12,11 @@ from functools import lru_cache
 
 from rich.segment import Segment
 from rich.style import Style
+from textual.geometry import Region
 from textual.strip import Strip
 from textual.widget import Widget
 
-from fts_tui.plot import ChartSpec, legend_rows, render_chart
+from fts_tui.plot import ChartSpec, Run, legend_rows, render_chart
 from fts_tui.views import LegendEntry
 
 
@@ -30,9 +37,12 @@ class Chart(Widget, can_focus=True):
         self._spec = ChartSpec()
         self._legend: list[LegendEntry] = []
         self._legend_max = legend_rows
+        self._runs: list[list[Run]] = []  # what the rows show, as render_chart's styled runs (compared on updates)
         self._rows: list[Strip] | None = None
         self._rows_size: tuple[int, int] = (0, 0)
+        self._base = Style()  # the widget's style the rows were built with
         self.builds = 0  # how often the rows were rebuilt (tests and the bench read it)
+        self.repainted_rows = 0  # rows handed to Textual to repaint after an update (tests and the bench read it)
 
     @property
     def spec(self) -> ChartSpec:
@@ -44,27 +54,52 @@ class Chart(Widget, can_focus=True):
 
     def set_chart(self, spec: ChartSpec, legend: list[LegendEntry]) -> None:
         self._spec, self._legend = spec, legend
-        self._rows = None
-        self.refresh()
+        size = (self.size.width, self.size.height)
+        screen = self.screen if self._rows is not None else None
+        if (screen is None or self._rows_size != size or not screen.is_active
+                or screen.maximized not in (None, self) or self.rich_style != self._base):
+            # not drawn yet, resized, under a dialog, hidden by a zoomed panel, or restyled (a theme): drawn whole
+            # when Textual next asks
+            self._rows = None
+            self.refresh()
+            return
+        runs = self._render_runs()
+        old_runs, rows = self._runs, self._rows
+        changed = [y for y in range(len(runs)) if y >= len(old_runs) or runs[y] != old_runs[y]]
+        if len(runs) != len(rows):
+            changed.extend(range(len(runs), len(rows)))  # rows no longer drawn (render_line blanks them)
+        base, styles = self._base, {}
+        strips = [*rows[: len(runs)]]
+        for y in changed:
+            if y < len(runs):
+                strips[y] = self._strip(runs[y], base, styles)
+        self._runs, self._rows = runs, strips
+        if changed:
+            self.repainted_rows += len(changed)
+            self.refresh(*(Region(0, y, size[0], 1) for y in changed))
 
-    def _build(self) -> list[Strip]:
+    def _render_runs(self) -> list[list[Run]]:
         width, height = self.size
         legend = legend_rows([e.as_tuple() for e in self._legend], width, self._legend_max, self._spec.legend_prefix)
         body = render_chart(self._spec, width, max(height - len(legend), 0))
         self.builds += 1
+        return legend + body
+
+    def _strip(self, row: list[Run], base: Style, styles: dict[str, Style]) -> Strip:
+        segments = []
+        for text, style in row:
+            combined = styles.get(style)
+            if combined is None:
+                combined = styles[style] = base + _style(style)
+            segments.append(Segment(text, combined))
+        return Strip(segments).adjust_cell_length(self.size.width, base)
+
+    def _build(self) -> list[Strip]:
+        self._runs = self._render_runs()
         # the widget's style walks the DOM, and a chart holds a few colours over dozens of rows: both once per build
-        base = self.rich_style
+        self._base = base = self.rich_style
         styles: dict[str, Style] = {}
-        strips = []
-        for row in legend + body:
-            segments = []
-            for text, style in row:
-                combined = styles.get(style)
-                if combined is None:
-                    combined = styles[style] = base + _style(style)
-                segments.append(Segment(text, combined))
-            strips.append(Strip(segments).adjust_cell_length(width, base))
-        return strips
+        return [self._strip(row, base, styles) for row in self._runs]
 
     def render_line(self, y: int) -> Strip:
         size = (self.size.width, self.size.height)
@@ -73,9 +108,6 @@ class Chart(Widget, can_focus=True):
         if y < len(self._rows):
             return self._rows[y]
         return Strip.blank(self.size.width, self.rich_style)
-
-    def on_resize(self) -> None:
-        self._rows = None
 
     def text_rows(self) -> list[str]:
         """The chart as plain text (tests)."""
