@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 import zmq.asyncio
@@ -33,6 +33,9 @@ import zmq.asyncio
 from fts_daemon import events as ev
 from fts_tui.source import DEFAULT_SCHEDULERS, PLAN_TIMEOUT_S, RequestError
 from fts_tui.state import PlanData, RunState, plan_args
+
+if TYPE_CHECKING:
+    from fts_daemon.registry import RunRecord
 
 # while events keep arriving faster than they are applied, the app is still told this often that there is news
 UPDATE_EVERY_S = 0.05
@@ -80,9 +83,12 @@ def _from_record(run: str | None) -> Target:
     from fts_daemon import registry
 
     try:
-        record = registry.find_run(run)
+        return _target_of(registry.find_run(run))
     except registry.RegistryError as err:
         raise ResolveError(str(err)) from None
+
+
+def _target_of(record: RunRecord) -> Target:
     key = record.curve_server_key.encode("ascii") if record.curve_server_key else None
     return Target(ctl=record.ctl, pub=record.pub, run=record.run, server_key=key)
 
@@ -299,9 +305,13 @@ class LiveSource:
 
     async def _connect(self) -> bool:
         """(Re)open sockets as needed and ask ``hello``; True once the daemon answered."""
+        record = None
         if self.target.run is not None:  # found through the registry: it may have restarted elsewhere
-            with contextlib.suppress(ResolveError):
-                fresh = _from_record(self.target.run)
+            from fts_daemon import registry
+
+            with contextlib.suppress(registry.RegistryError):
+                record = registry.find_run(self.target.run)
+                fresh = _target_of(record)
                 if (fresh.ctl, fresh.pub) != (self.target.ctl, self.target.pub):
                     self.target = replace(self.target, ctl=fresh.ctl, pub=fresh.pub, server_key=fresh.server_key or self.target.server_key)
                     self._close_dealer()
@@ -314,7 +324,14 @@ class LiveSource:
         except RequestError as err:
             if self.state.connection not in ("lost", "connecting", "ended"):
                 self.state.add_log("warning", "connection", f"daemon not answering: {err}", time.time())
-            if self.state.connection not in ("lost", "ended") and self.state.last_heard is not None:
+            if record is not None and not record.alive:
+                # the registered daemon has exited (attached after the run ended, or it crashed): say so, and go on
+                # asking, in case `fts-daemon start --resume` brings the run back
+                if self.state.last_heard is None:  # nothing heard from it: its state is the registry's
+                    self.state.status = record.live_state
+                self.state.set_connection("ended", f"run {record.live_state}; its daemon has exited: "
+                                                   f"`fts-tui replay {record.run_dir}` shows the run")
+            elif self.state.connection not in ("lost", "ended") and self.state.last_heard is not None:
                 self.state.set_connection("lost")
             self._close_dealer()  # a fresh DEALER: no stale requests queued to a dead peer
             return False

@@ -188,6 +188,43 @@ def test_resolve_target_from_the_registry(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 @pytest.mark.asyncio
+async def test_attaching_to_a_run_whose_daemon_has_exited_says_so_and_waits_for_a_restart(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fts-tui attach RUN` after the run ended used to sit at "connecting" with nothing to say: it now shows that
+    the daemon has exited and how to see the run, and still goes live when the run is started again."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("FTS_RUNTIME_DIR", str(tmp_path / "rt"))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    run_dir = tmp_path / "runs" / "r2"
+    port_pub, port_ctl = free_port(), free_port()
+    pub, ctl = f"tcp://127.0.0.1:{port_pub}", f"tcp://127.0.0.1:{port_ctl}"
+    registry.write_record(registry.RunRecord(run="r2", pid=int(gone.stdout), daemon="d0", run_dir=str(run_dir),
+                                             pub=pub, ctl=ctl, state="finished"))
+    source = LiveSource(resolve_target("r2"), request_timeout=0.5)
+    task = asyncio.get_running_loop().create_task(source.run())
+    try:
+        await until(lambda: source.state.connection == "ended")
+        note = source.state.connection_note
+        assert "run finished" in note and "daemon has exited" in note and f"fts-tui replay {run_dir}" in note
+        assert source.state.status == "finished"  # the header's run state, not "starting"
+        restarted = start_bus(pub=pub, ctl=ctl)  # `fts-daemon start --resume`: the same run, alive again
+        try:
+            import os
+
+            registry.update_record("r2", pid=os.getpid(), state="training")
+            publish(restarted, EVENTS[:50])
+            await until(lambda: source.state.connection == "live" and source.state.step is not None)
+        finally:
+            restarted.close()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@pytest.mark.asyncio
 async def test_curve_keys_over_tcp(tmp_path: Path) -> None:
     """A daemon bound with CURVE (what a non-loopback bind needs) only talks to authorized client keys."""
     keys = tmp_path / "keys"
