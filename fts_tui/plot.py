@@ -110,8 +110,11 @@ def _extent(values: list[float]) -> tuple[float, float] | None:
 
 
 def _pad(lo: float, hi: float) -> tuple[float, float]:
-    if hi == lo:
-        d = abs(lo) * 0.1 or 1.0
+    # a span too small for the pixel scale (1e-308 apart overflows it to infinity) is drawn as a flat line
+    if hi - lo < 1e-200 or hi - lo <= 1e-12 * max(abs(lo), abs(hi)):
+        d = abs(lo) * 0.1
+        if d < 1e-200:
+            d = 1.0
         return lo - d, hi + d
     d = (hi - lo) * 0.05
     return lo - d, hi + d
