@@ -649,10 +649,12 @@ class FinetuningScheduler(Callback):
         max_epochs: int | None = None,
         schedule: Schedule | None = None,
         transition_epochs: Mapping[int, int] | None = None,
+        **bounds: Any,
     ) -> Plan:
         """The planned per-step LRs of the whole run (``schedule`` lets a caller preview an edited schedule).
 
         Phases that already started use their actual start epochs unless ``transition_epochs`` says otherwise.
+        ``bounds`` go to :func:`~fts_daemon.planner.plan_run` (``max_points``, ``max_steps``, ``pause``).
         """
         assert self.engine is not None and self.schedule is not None and self.trainer is not None
         if self.initial_setup is None:
@@ -676,6 +678,7 @@ class FinetuningScheduler(Callback):
             steps,
             epochs,
             actual,
+            **bounds,
         )
 
     # ------------------------------------------------------------------------------------------ edits

@@ -7,6 +7,7 @@ Lightning, so they answer in a fraction of a second.
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import json
 import math
@@ -462,13 +463,17 @@ def cmd_plan(args: argparse.Namespace, passthrough: list[str]) -> int:
     if args.json:
         _out({"plan": result.plan, "table": result.table})
         return 0
-    series = result.plan["series"]
+    series, steps, stride = result.plan["series"], result.plan["steps"], result.plan.get("stride", 1)
+    if stride > 1:
+        print(f"(a run of {result.plan['total_steps']:,} steps: MIN and MAX are read every {stride:,}th step)")
     print(f"{'PHASE':>5} {'EPOCHS':>9} {'STEPS':>11}  {'GROUP':40} {'FIRST LR':>11} {'LAST LR':>11} {'MIN':>11} "
           f"{'MAX':>11}")
     for row in result.table:
-        last_epoch = result.plan["epochs"][row["last_step"]]
+        # a long run's plan keeps some of its steps (each phase's first and last among them)
+        first_i, last_i = bisect.bisect_left(steps, row["step"]), bisect.bisect_left(steps, row["last_step"])
+        last_epoch = result.plan["epochs"][last_i]
         for tag, first in row["first"].items():
-            window = [v for v in series[tag][row["step"] : row["last_step"] + 1] if v is not None]
+            window = [v for v in series[tag][first_i : last_i + 1] if v is not None]
             last = row["last"].get(tag)
             print(f"{row['phase']:>5} {str(row['epoch']) + '-' + str(last_epoch):>9} "
                   f"{str(row['step']) + '-' + str(row['last_step']):>11}  {tag:40} {first:>11.4e} "

@@ -19,6 +19,8 @@ from typing import Any
 
 from fts_daemon.runner import ConfigError, build_from_config, find_fts_callback, one_line, resolve_schedule_path
 
+CLI_FULL_PLAN_STEPS = 2_000_000  # `fts-daemon plan` keeps every step of a run up to this long (~200 MB)...
+CLI_PLAN_POINTS = 20_000  # ...and about this many of a longer one's (its --json output holds them)
 QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
@@ -100,7 +102,10 @@ def _check(
             if plan:
                 steps = steps_per_epoch or _steps_per_epoch(trainer, pl_module, trainer.datamodule)
                 epochs = max_epochs or int(trainer.fit_loop.max_epochs or 1)
-                captured["plan"] = fts.plan(steps, epochs, transition_epochs=transition_epochs)
+                # every step of the run is simulated; one longer than CLI_FULL_PLAN_STEPS keeps ~CLI_PLAN_POINTS of
+                # them (each phase's first and last among them): a run of 125M steps held ~10 GB
+                points = None if steps * epochs <= CLI_FULL_PLAN_STEPS else CLI_PLAN_POINTS
+                captured["plan"] = fts.plan(steps, epochs, transition_epochs=transition_epochs, max_points=points)
             raise _Checked()
 
     with tempfile.TemporaryDirectory(prefix="fts-validate-") as tmp:

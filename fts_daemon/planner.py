@@ -15,7 +15,8 @@ from __future__ import annotations
 import copy
 import inspect
 import warnings
-from collections.abc import Mapping, Sequence
+from bisect import bisect_left
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,6 +96,11 @@ class Plan:
     phases: list[int] = field(default_factory=list)
     series: dict[str, list[float | None]] = field(default_factory=dict)
     phase_starts: list[dict[str, int]] = field(default_factory=list)
+    # steps per recorded point (1: every step); each phase's first and last step and the plan's last are recorded
+    # whatever the spacing
+    stride: int = 1
+    total_steps: int = 0  # steps simulated
+    horizon_epochs: int | None = None  # the epochs simulated when a horizon cut the run short (None: all of them)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -103,24 +109,35 @@ class Plan:
             "phases": self.phases,
             "series": self.series,
             "phase_starts": self.phase_starts,
+            "stride": self.stride,
+            "total_steps": self.total_steps,
+            "horizon_epochs": self.horizon_epochs,
         }
 
     def sampled(self, max_steps: int) -> tuple[Plan, int]:
-        """At most about ``max_steps`` of the steps, evenly spaced, with each phase's first step and the last step
-        kept (where LRs jump); and the spacing (1: the plan itself). For replies: a long run's plan holds every one
-        of its steps, far more than a chart can show or a client should have to parse."""
+        """At most about ``max_steps`` of the recorded steps, evenly spaced, with each phase's first step and the
+        last step kept (where LRs jump); and the spacing in steps (``stride``: 1 is every step). For replies: a long
+        run's full plan holds every one of its steps, far more than a chart can show or a client should parse."""
         n = len(self.steps)
         if n <= max_steps:
-            return self, 1
+            return self, self.stride
         stride = -(-n // max(max_steps, 2))
-        keep = sorted({*range(0, n, stride), n - 1, *(p["step"] for p in self.phase_starts if 0 <= p["step"] < n)})
+        starts = {bisect_left(self.steps, p["step"]) for p in self.phase_starts if p["step"] <= self.steps[-1]}
+        keep = sorted({*range(0, n, stride), n - 1, *starts})
         return Plan(
             steps=[self.steps[i] for i in keep],
             epochs=[self.epochs[i] for i in keep],
             phases=[self.phases[i] for i in keep],
             series={tag: [values[i] for i in keep] for tag, values in self.series.items()},
             phase_starts=[dict(p) for p in self.phase_starts],
-        ), stride
+            stride=stride * self.stride,
+            total_steps=self.total_steps,
+            horizon_epochs=self.horizon_epochs,
+        ), stride * self.stride
+
+    def index_of(self, step: int) -> int:
+        """The index of ``step`` among the recorded steps (the nearest one after it, if it was not recorded)."""
+        return bisect_left(self.steps, step)
 
     def group_lrs(self, step_index: int) -> dict[str, float]:
         return {k: v[step_index] for k, v in self.series.items() if v[step_index] is not None}
@@ -128,12 +145,14 @@ class Plan:
     def table(self) -> list[dict[str, Any]]:
         """Per phase: its start, and each group's LR at the phase's first and last step."""
         rows = []
+        if not self.steps:
+            return rows
         for i, start in enumerate(self.phase_starts):
-            end = self.phase_starts[i + 1]["step"] - 1 if i + 1 < len(self.phase_starts) else len(self.steps) - 1
+            end = self.phase_starts[i + 1]["step"] - 1 if i + 1 < len(self.phase_starts) else self.steps[-1]
             if end < start["step"]:
                 continue
-            first = self.group_lrs(start["step"])
-            last = self.group_lrs(end)
+            first = self.group_lrs(self.index_of(start["step"]))
+            last = self.group_lrs(self.index_of(end))
             rows.append({**start, "last_step": end, "first": first, "last": last})
         return rows
 
@@ -152,61 +171,95 @@ def plan_run(
     max_epochs: int,
     transition_epochs: Mapping[int, int] | None = None,
     plateau_metrics: Sequence[float] | None = None,
+    *,
+    max_points: int | None = None,
+    max_steps: int | None = None,
+    pause: Callable[[], Any] | None = None,
 ) -> Plan:
     """Simulate the per-step, per-group LRs of a whole run.
 
     ``transition_epochs`` maps a phase to the epoch it starts (overrides ``max_transition_epoch``; use it for phases
     that early stopping ended, or to preview). ``plateau_metrics[e]`` feeds ReduceLROnPlateau after epoch ``e``.
+
+    The simulation costs a few microseconds per step and, unbounded, a list entry per step and group: a run of
+    2000 epochs of 62,500 steps would take many minutes and gigabytes. ``max_steps`` ends the simulation after the
+    first epoch that reaches it (``horizon_epochs`` says where); ``max_points`` records about that many steps,
+    evenly spaced (``stride``), plus each phase's first and last step and the last one; ``pause`` is called every
+    few hundred simulated steps (a daemon yields the GIL to training there).
     """
     setup = initial.clone()
     host = SimpleHost(setup.optimizer, setup.lr_configs)
     engine = PhaseEngine(copy.deepcopy(schedule), settings)
     transition_epochs = dict(transition_epochs or {})
     plan = Plan(phase_starts=[{"phase": 0, "epoch": 0, "step": 0}])
+    epochs = max_epochs
+    if max_steps is not None and steps_per_epoch > 0 and max_epochs * steps_per_epoch > max_steps:
+        epochs = plan.horizon_epochs = max(1, -(-max_steps // steps_per_epoch))
+    total = max(epochs, 0) * steps_per_epoch
+    stride = 1 if max_points is None or total <= max_points else -(-total // max(max_points, 2))
+    plan.stride, plan.total_steps = stride, total
+
+    def due(depth: int, epoch: int) -> bool:
+        """Whether phase ``depth + 1`` starts at ``epoch``."""
+        if depth >= max_depth:
+            return False
+        start = transition_epochs.get(depth + 1)
+        if start is None:
+            limit = engine.schedule[depth].max_transition_epoch
+            return 0 <= limit <= epoch
+        return epoch >= start
+
     depth = 0
     step = 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch warns that the stand-in optimizer never stepped; it need not
-        for epoch in range(max_epochs):
-            if depth < max_depth:
-                nxt = depth + 1
-                start = transition_epochs.get(nxt)
-                if start is None:
-                    limit = engine.schedule[depth].max_transition_epoch
-                    hit = 0 <= limit <= epoch
-                else:
-                    hit = epoch >= start
-                if hit:
-                    pre = capture_lr_state(host.optimizer, host.lr_configs)
-                    depth = nxt
-                    engine.advance(host, setup.view, depth, pre, None)  # type: ignore[arg-type]
-                    plan.phase_starts.append({"phase": depth, "epoch": epoch, "step": step})
+        for epoch in range(epochs):
+            started = False
+            if due(depth, epoch):
+                pre = capture_lr_state(host.optimizer, host.lr_configs)
+                depth += 1
+                engine.advance(host, setup.view, depth, pre, None)  # type: ignore[arg-type]
+                plan.phase_starts.append({"phase": depth, "epoch": epoch, "step": step})
+                started = True
+            # the steps of this epoch to record: every stride-th, a phase's first, a phase's last, the plan's last
+            end = step + steps_per_epoch
+            record = list(range(-(-step // stride) * stride, end, stride))
+            if steps_per_epoch and started and (not record or record[0] != step):
+                record.insert(0, step)
+            if steps_per_epoch and (epoch == epochs - 1 or due(depth, epoch + 1)) and (not record or record[-1] != end - 1):
+                record.append(end - 1)
             # groups, tags and schedulers change only at a transition (an epoch's start): look them up once an epoch
             groups = host.optimizer.param_groups
             columns = []
             for tag in _tags(host.optimizer, host.lr_configs):
                 series = plan.series.get(tag)
                 if series is None:  # a group new in this phase: no LR before it existed
-                    series = plan.series[tag] = [None] * step
+                    series = plan.series[tag] = [None] * len(plan.steps)
                 columns.append(series)
             stepped = [cfg for cfg in host.lr_configs if cfg.interval == "step" and not cfg.reduce_on_plateau]
             if not stepped:  # nothing changes an LR within the epoch: its steps share the epoch's LRs
                 for series, group in zip(columns, groups):
-                    series.extend([float(group["lr"])] * steps_per_epoch)
+                    series.extend([float(group["lr"])] * len(record))
             else:
+                wanted = iter(record)
+                nxt = next(wanted, -1)
                 for batch in range(steps_per_epoch):
-                    for series, group in zip(columns, groups):
-                        series.append(float(group["lr"]))
+                    if step + batch == nxt:
+                        for series, group in zip(columns, groups):
+                            series.append(float(group["lr"]))
+                        nxt = next(wanted, -1)
                     for cfg in stepped:
                         if (batch + 1) % cfg.frequency == 0:
                             cfg.scheduler.step()
-            step += steps_per_epoch
+                    if pause is not None and batch & 511 == 511:
+                        pause()
+            step = end
+            plan.steps.extend(record)
+            plan.epochs.extend([epoch] * len(record))
+            plan.phases.extend([depth] * len(record))
             for series in plan.series.values():  # groups a new optimizer no longer has
-                if len(series) < step:
-                    series.extend([None] * (step - len(series)))
-            plan.steps.extend(range(step - steps_per_epoch, step))
-            plan.epochs.extend([epoch] * steps_per_epoch)
-            plan.phases.extend([depth] * steps_per_epoch)
+                if len(series) < len(plan.steps):
+                    series.extend([None] * (len(plan.steps) - len(series)))
             for cfg in host.lr_configs:
                 if cfg.interval == "epoch" and not cfg.reduce_on_plateau and (epoch + 1) % cfg.frequency == 0:
                     cfg.scheduler.step()
@@ -214,4 +267,6 @@ def plan_run(
                 for cfg in host.lr_configs:
                     if isinstance(cfg.scheduler, ReduceLROnPlateau) and (epoch + 1) % cfg.frequency == 0:
                         cfg.scheduler.step(plateau_metrics[epoch])
+            if pause is not None:
+                pause()
     return plan

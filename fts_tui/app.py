@@ -112,6 +112,8 @@ class FtsApp(App[None]):
         plan = self.state.plan
         if not self.show_plan:
             lr_subtitle = "plan hidden (t)"
+        elif plan is not None and plan.horizon_epochs is not None:
+            lr_subtitle = f"┈ planned to epoch {plan.horizon_epochs} (t)"  # a long run's plan stops at a horizon
         elif plan is not None:
             lr_subtitle = "┈ planned (t)"
         else:

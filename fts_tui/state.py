@@ -214,6 +214,7 @@ class PlanData:
     steps: list[float] = field(default_factory=list)
     series: dict[str, list[float]] = field(default_factory=dict)
     phase_starts: list[dict[str, Any]] = field(default_factory=list)
+    horizon_epochs: int | None = None  # where the daemon stopped simulating a long run (None: the whole run)
     _chart: dict[str, tuple[list[float], list[float]]] | None = field(default=None, init=False, repr=False, compare=False)
 
     def chart_series(self) -> dict[str, tuple[list[float], list[float]]]:
@@ -243,6 +244,7 @@ class PlanData:
             steps=[float(s) for s in d.get("steps") or []],
             series={str(k): [math.nan if v is None else float(v) for v in vs] for k, vs in (d.get("series") or {}).items()},
             phase_starts=[dict(p) for p in d.get("phase_starts") or []],
+            horizon_epochs=d["horizon_epochs"] if type(d.get("horizon_epochs")) is int else None,
         )
 
     def start_epoch(self, phase: int) -> int | None:

@@ -88,6 +88,11 @@ def test_cli_validate_plan_and_foreground_run(tmp_path: Path, monkeypatch: pytes
         plan = fts("plan", str(cfg), "--json", cwd=tmp_path)
         assert plan.returncode == 0, plan.stderr
         assert [s["phase"] for s in json.loads(plan.stdout)["plan"]["phase_starts"]] == [0, 1, 2]
+        # a run of 2.5M steps: every step simulated, ~20k kept (a run of 125M steps held ~10 GB); the table is exact
+        long = fts("plan", str(cfg), "--steps-per-epoch", "5000", "--max-epochs", "500", cwd=tmp_path)
+        assert long.returncode == 0, long.stderr
+        assert "a run of 2,500,000 steps: MIN and MAX are read every 125th step" in long.stdout
+        assert "    2     4-499 20000-2499999" in long.stdout
         # foreground, at full speed, with a LightningCLI override passed through
         run = fts("start", "--config", str(cfg), "--run", "fg", "--no-progress", "--trainer.max_epochs=3",
                   "--transport", "tcp", cwd=tmp_path)

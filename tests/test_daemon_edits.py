@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from fts_daemon import events as ev
+from fts_daemon import runner
 from fts_daemon.client import Control, ControlError, Follower
 from fts_daemon.edits import Journal, merge_phase, replay_journal
 
@@ -104,7 +105,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory):
                 replies["cancel_again"] = str(err)
             replies["list"] = ctl.request("list_edits")["edits"]
             replies["plan"] = ctl.request("plan", phase=2, changes={"lr": 1.0e-3})
+            replies["plan_full"] = ctl.request("plan")
             replies["plan_sampled"] = ctl.request("plan", max_steps=5)
+            kept = runner.PLAN_HORIZON_STEPS
+            runner.PLAN_HORIZON_STEPS = 9  # the op simulates whole epochs up to its horizon (here: 3 of 6)
+            try:
+                replies["plan_horizon"] = ctl.request("plan")
+            finally:
+                runner.PLAN_HORIZON_STEPS = kept
             try:
                 ctl.request("plan", max_steps="all")
             except ControlError as err:
@@ -200,6 +208,12 @@ def test_plan_op_previews_an_edit(runs: dict) -> None:
     assert starts | {plan["total_steps"] - 1} <= set(small["steps"]) and len(small["steps"]) <= 5 + len(starts) + 1
     assert all(len(v) == len(small["steps"]) for v in small["series"].values())
     assert "`max_steps` must be an integer >= 2" in runs["replies"]["plan_bad"]
+    assert plan["horizon_epochs"] is None
+    short = runs["replies"]["plan_horizon"]
+    assert short["horizon_epochs"] == 3 and short["total_steps"] == 12 and short["steps"] == list(range(12))
+    full = runs["replies"]["plan_full"]["series"]
+    assert short["series"] == {tag: full[tag][:12] for tag in short["series"]}  # the whole run's first 3 epochs
+    assert all(set(full[tag][:12]) == {None} for tag in set(full) - set(short["series"]))  # groups of later phases
 
 
 def test_event_log_is_gap_free_with_a_full_lifecycle(runs: dict) -> None:

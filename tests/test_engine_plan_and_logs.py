@@ -298,3 +298,31 @@ def test_a_long_plan_is_sampled_keeping_each_phase_start_and_the_end() -> None:
         assert sampled.series["pg1"][i] == plan.series["pg1"][step] and sampled.phases[i] == plan.phases[step]
         assert sampled.series["pg2"][i] == plan.series["pg2"][step] and sampled.epochs[i] == plan.epochs[step]
     assert sampled.phase_starts == starts
+
+
+def test_a_bounded_plan_records_the_full_plans_values_at_fewer_steps_and_stops_at_its_horizon(tmp_path: Path) -> None:
+    """The daemon's `plan` op bounds the simulation (a run of millions of steps took minutes and gigabytes): it
+    records every stride-th step (each phase's first and last step and the plan's last too) with exactly the full
+    plan's values, stops after the epoch that reaches ``max_steps``, and calls ``pause`` as it goes."""
+    fts = FinetuningScheduler(ft_schedule=copy.deepcopy(SEED_LIKE), epoch_transitions_only=True, restore_best=False)
+    t = trainer(tmp_path, [fts], max_epochs=3)
+    t.fit(seed_like_model(), *loaders())
+    spe, epochs = 37, 30  # phase 2 (step interval, every 2nd batch) runs from epoch 6 (SEED_LIKE) to the end
+    full = fts.plan(steps_per_epoch=spe, max_epochs=epochs)
+    assert full.steps == list(range(spe * epochs)) and full.stride == 1 and full.horizon_epochs is None
+    pauses: list[int] = []
+    bounded = fts.plan(steps_per_epoch=spe, max_epochs=epochs, max_points=100, pause=lambda: pauses.append(1))
+    assert bounded.stride == -(-spe * epochs // 100) and bounded.total_steps == spe * epochs and pauses
+    must = {spe * epochs - 1} | {p["step"] for p in full.phase_starts} | {p["step"] - 1 for p in full.phase_starts[1:]}
+    assert must <= set(bounded.steps) and set(range(0, spe * epochs, bounded.stride)) <= set(bounded.steps)
+    assert len(bounded.steps) <= 100 + len(must) and bounded.steps == sorted(set(bounded.steps))
+    for i, step in enumerate(bounded.steps):
+        assert bounded.group_lrs(i) == full.group_lrs(step) and bounded.phases[i] == full.phases[step], step
+        assert bounded.epochs[i] == full.epochs[step]
+    assert bounded.table() == full.table() and bounded.phase_starts == full.phase_starts
+    short = fts.plan(steps_per_epoch=spe, max_epochs=epochs, max_steps=8 * spe + 1)  # ends after epoch 8 (9 epochs)
+    assert short.horizon_epochs == 9 and short.steps == list(range(9 * spe)) and short.total_steps == 9 * spe
+    assert all(short.group_lrs(s) == full.group_lrs(s) for s in short.steps)
+    assert [p["phase"] for p in short.phase_starts] == [p["phase"] for p in full.phase_starts if p["epoch"] < 9]
+    sampled, stride = bounded.sampled(40)  # thinned again for a reply: strides multiply
+    assert stride == sampled.stride == bounded.stride * -(-len(bounded.steps) // 40)

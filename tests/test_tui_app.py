@@ -125,6 +125,10 @@ async def test_view_keys_log_plan_overlay_metrics_zoom() -> None:
             app.redraw()
             await pilot.pause()
             assert str(lr.border_subtitle) == shown
+        app.state.set_plan({**plan_for(), "horizon_epochs": 9})  # a long run's plan, simulated to a horizon
+        app.redraw()
+        await pilot.pause()
+        assert str(lr.border_subtitle) == "┈ planned to epoch 9 (t)"
         app.state.set_plan(plan_for())
         await pilot.press("t")
         metrics = app.query_one("#metric-chart", Chart)
