@@ -199,9 +199,10 @@ def lr_chart(state: RunState, log_y: bool, show_plan: bool) -> tuple[ChartSpec, 
                 legend.append(LegendEntry(tag, colors[tag], True))
             traces.append(Trace(f"{tag} (plan)", steps, values, colors[tag], dotted=True))
         legend.append(LegendEntry("planned", "#9e9e9e", True))
-    x_max = _lr_axis_end(state, plan)
+    # with the plan drawn the axis is set by the plan (it does not move as the run grows); without it, it grows
+    x_max = _lr_axis_end(state, plan) if plan is not None and plan.steps else _growing_axis_end(state, traces)
     spec = ChartSpec(traces=traces, markers=_markers(state, plan is not None), log_y=log_y, y_format="lr",
-                     x_max=x_max if x_max is not None else _growing_axis_end(state, traces))
+                     x_max=x_max)
     return spec, _shared_prefix_once(spec, legend)
 
 

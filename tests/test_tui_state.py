@@ -374,7 +374,11 @@ def test_charts_of_a_live_run_leave_room_to_grow_and_a_finished_one_ends_at_its_
     state.set_connection("lost")  # nothing arrives: the axis ends at the newest point
     assert metric_chart(state, ["train_loss"], overlay=False)[0].x_max is None
     state.set_connection("live")
-    state.load_events(build_run()[MID_RUN:])  # finished
+    state.load_events(build_run()[MID_RUN:-1])  # in the last phase, still running (the last event: finished)
+    assert state.phase == 3 and not state.finished
+    assert lr_chart(state, log_y=True, show_plan=True)[0].x_max is None  # the whole plan: it does not grow
+    assert lr_chart(state, log_y=True, show_plan=False)[0].x_max == live_axis_end(state.step)
+    state.load_events(build_run()[-1:])  # finished
     assert metric_chart(state, ["train_loss"], overlay=False)[0].x_max is None
     assert lr_chart(state, log_y=True, show_plan=False)[0].x_max is None
 
