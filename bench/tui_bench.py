@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -62,8 +63,14 @@ def pct(values: list[float], q: float) -> float:
 # ------------------------------------------------------------------------------------------------ publisher
 
 
-def _publisher(conn: Any, rate: int, seconds: float, history_steps: int, batch_ms: float | None) -> None:
-    """Child process: a real EventBus publishing lr events at ``rate`` per second (after optional history)."""
+def _publisher(conn: Any, rate: int, seconds: float, history_steps: int, batch_ms: float | None,
+               live: bool = False) -> None:
+    """Child process: a real EventBus publishing lr events at ``rate`` per second (after optional history).
+
+    ``live``: the history stops short of the run's end, and each step goes on with the history's LR tags and a noisy
+    ``train_loss``, as a run being followed does."""
+    import random
+
     from fts_daemon.bus import BusConfig, EventBus
 
     extra = {} if batch_ms is None else {"batch_ms": batch_ms}
@@ -71,14 +78,20 @@ def _publisher(conn: Any, rate: int, seconds: float, history_steps: int, batch_m
                              queue_limit=1_000_000, **extra))
     bus.start()
     step = 0
+    tags = TAGS
     if history_steps:
         from tests.data.make_recordings import build_run
 
-        for e in build_run(steps_per_epoch=max(history_steps // 14, 1)):
+        history = build_run(steps_per_epoch=max(history_steps // 14, 1))
+        if live:
+            history = [e for e in history if e.kind != "state" or e.data.get("state") not in ("finished", "failed")]
+            tags = list(next(e for e in reversed(history) if e.kind == "lr").data["lrs"])
+        for e in history:
             bus.publish(e.kind, e.data, e.step, e.epoch)
         while bus._queue.qsize():  # let the I/O thread fold the history in
             time.sleep(0.05)
-        step = history_steps
+        step = max(e.step or 0 for e in history) + 1 if live else history_steps
+    rng = random.Random(0)
     conn.send(bus.endpoints)
     conn.recv()  # go
     start = time.perf_counter()
@@ -89,7 +102,10 @@ def _publisher(conn: Any, rate: int, seconds: float, history_steps: int, batch_m
             break
         due = int(elapsed * rate)
         while sent < due:
-            bus.publish("lr", {"lrs": {t: 1e-3 / (1 + step * 1e-4) for t in TAGS}}, step, step // 1000)
+            bus.publish("lr", {"lrs": {t: 1e-3 / (1 + step * 1e-4) for t in tags}}, step, step // 1000)
+            if live:
+                bus.publish("metric", {"metrics": {"train_loss": 0.3 + 0.2 * rng.random()}, "stage": "train"}, step,
+                            step // 1000)
             sent += 1
             step += 1
         time.sleep(0.0005)
@@ -99,10 +115,11 @@ def _publisher(conn: Any, rate: int, seconds: float, history_steps: int, batch_m
     bus.close()
 
 
-def start_publisher(rate: int, seconds: float, history_steps: int = 0, batch_ms: float | None = None) -> tuple[Any, Any, tuple[str, str]]:
+def start_publisher(rate: int, seconds: float, history_steps: int = 0, batch_ms: float | None = None,
+                    live: bool = False) -> tuple[Any, Any, tuple[str, str]]:
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_publisher, args=(child, rate, seconds, history_steps, batch_ms), daemon=True)
+    proc = ctx.Process(target=_publisher, args=(child, rate, seconds, history_steps, batch_ms, live), daemon=True)
     proc.start()
     endpoints = parent.recv()
     return proc, parent, endpoints
@@ -151,15 +168,16 @@ def bench_lag(rate: int, seconds: float, batch_ms: float | None = None) -> dict[
                 if time.monotonic() > deadline:
                     raise RuntimeError("bench: the client never went live")
                 await pilot.pause(0.05)
-            cpu0 = time.process_time()
+            cpu0, wall0 = time.process_time(), time.monotonic()
             conn.send("go")
             await pilot.pause(seconds + 0.8)
             sent = await asyncio.get_running_loop().run_in_executor(None, conn.recv)
             await pilot.pause(0.3)
-            cpu = time.process_time() - cpu0
+            cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
             frames = app.frames
         conn.send("bye")
-        return {"sent": sent, "received": len(lags), "frames": frames, "app_cpu_s": round(cpu, 2)}
+        return {"sent": sent, "received": len(lags), "frames": frames, "app_cpu_s": round(cpu, 2),
+                "app_cpu_pct": round(100 * cpu / wall, 1)}
 
     try:
         info = asyncio.run(run())
@@ -182,6 +200,56 @@ def bench_lag(rate: int, seconds: float, batch_ms: float | None = None) -> dict[
         "lag_p99_ms": round(pct(ms, 99), 1),
         "lag_max_ms": round(max(ms), 1) if ms else None,
     }
+
+
+# ------------------------------------------------------------------------------------------------ follow
+
+
+def bench_follow(rate: int, seconds: float, history_steps: int, app: bool) -> dict[str, Any]:
+    """CPU of the cockpit (``app``) or of a bare client (the baseline: the same socket, decoding and state model,
+    nothing drawn) following a run that has ``history_steps`` behind it and goes on at ``rate`` steps a second (an
+    ``lr`` event of 4 groups and a ``train_loss`` each)."""
+    from fts_tui.app import FtsApp
+    from fts_tui.client import LiveSource, Target
+
+    proc, conn, (pub, ctl) = start_publisher(rate, seconds, history_steps, live=True)
+
+    async def run() -> dict[str, Any]:
+        source = LiveSource(Target(ctl=ctl, pub=pub))
+
+        async def measure(pause: Any) -> dict[str, Any]:
+            deadline = time.monotonic() + 30
+            while source.state.connection != "live" or source.state.step is None:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("bench: the client never went live")
+                await pause(0.05)
+            await pause(0.5)  # the snapshot's first frame drawn
+            cpu0, wall0 = time.process_time(), time.monotonic()
+            conn.send("go")
+            await pause(seconds)
+            cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+            return {"cpu_pct": round(100 * cpu / wall, 1), "steps": source.state.step}
+
+        if app:
+            cockpit = FtsApp(source)
+            async with cockpit.run_test(size=(160, 48)) as pilot:
+                out = await measure(pilot.pause)
+                out["frames"] = cockpit.frames
+                out["chart_rows_repainted"] = cockpit.lr_chart.repainted_rows + cockpit.metric_chart.repainted_rows
+        else:
+            task = asyncio.get_running_loop().create_task(source.run())
+            out = await measure(asyncio.sleep)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await asyncio.get_running_loop().run_in_executor(None, conn.recv)
+        conn.send("bye")
+        return out
+
+    try:
+        return asyncio.run(run())
+    finally:
+        proc.join(10)
 
 
 # ------------------------------------------------------------------------------------------------ memory
@@ -320,7 +388,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter runs (2 s per rate, 300k events, 1 repeat)")
     parser.add_argument("--json", help="also write the results here")
-    parser.add_argument("--only", choices=("lag", "memory", "first-frame"))
+    parser.add_argument("--only", choices=("lag", "follow", "memory", "first-frame"))
     parser.add_argument("--daemon-batch-ms", type=float, default=None,
                         help="BusConfig.batch_ms for the publishing daemon (default: the daemon's own default)")
     args = parser.parse_args()
@@ -336,13 +404,25 @@ def main() -> int:
         results["lag"] = [bench_lag(rate, seconds, args.daemon_batch_ms) for rate in (1_000, 10_000)]
         for r in results["lag"]:
             print(f"display lag @ {r['rate']:>6}/s for {r['seconds']:g}s: received {r['received']}/{r['sent']}, "
-                  f"{r['frames']} redraws, app CPU {r['app_cpu_s']} s\n"
+                  f"{r['frames']} redraws, app CPU {r['app_cpu_s']} s ({r['app_cpu_pct']}% of a core)\n"
                   f"    newest event on each frame, published -> on screen: p50 {r['frame_staleness_p50_ms']} ms, "
                   f"p99 {r['frame_staleness_p99_ms']} ms\n"
                   f"    every event, received -> on screen: p50 {r['tui_lag_p50_ms']} ms, p99 {r['tui_lag_p99_ms']} ms, "
                   f"max {r['tui_lag_max_ms']} ms\n"
                   f"    every event, published -> on screen: p50 {r['lag_p50_ms']} ms, p99 {r['lag_p99_ms']} ms, max {r['lag_max_ms']} ms"
                   f" (includes the daemon's send delay)", flush=True)
+    if args.only in (None, "follow"):
+        rate, history = 300, 40_000
+        pairs = [(bench_follow(rate, seconds, history, app=False), bench_follow(rate, seconds, history, app=True))
+                 for _ in range(2 if args.quick else 3)]
+        results["follow"] = [{"bare": b, "app": a} for b, a in pairs]
+        bare = statistics.median(b["cpu_pct"] for b, _ in pairs)
+        app_pct = statistics.median(a["cpu_pct"] for _, a in pairs)
+        frames = statistics.median(a["frames"] for _, a in pairs)
+        print(f"following a run {history:,} steps in, going on at {rate} steps/s (an lr event of 4 groups and a "
+              f"train_loss each), 160x48: cockpit {app_pct:.1f}% of a core, a bare client (no screen) {bare:.1f}% "
+              f"(cockpit / bare {app_pct / max(bare, 0.1):.1f}, medians of {len(pairs)} pairs); "
+              f"{frames:.0f} frames in {seconds:g}s", flush=True)
     if args.only in (None, "memory"):
         m = bench_memory(300_000 if args.quick else 1_000_000)
         results["memory"] = m
