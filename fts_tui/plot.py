@@ -148,59 +148,15 @@ class Canvas:
         Each pixel column gets the vertical span the line covers in it, filled a cell at a time, so the cost is
         about columns × cells spanned, whatever the number of points. Dotted lines skip every third column.
         """
-        n_px = self.width * 2
-        # per pixel column, the lowest and highest pixel row covered (lo > hi: nothing); plain lists and inline
-        # comparisons because this loop runs for every point of every trace in every frame
-        span_lo = [1 << 30] * n_px
-        span_hi = [-1] * n_px
-        prev: tuple[int, int] | None = None
-        for p in pts:
-            if p is None:
-                prev = None
-                continue
-            px, py = p
-            if prev is None:
-                if 0 <= px < n_px:
-                    if py < span_lo[px]:
-                        span_lo[px] = py
-                    if py > span_hi[px]:
-                        span_hi[px] = py
-                prev = p
-                continue
-            qx, qy = prev
-            prev = p
-            if qx == px:
-                if 0 <= px < n_px:
-                    lo, hi = (qy, py) if qy <= py else (py, qy)
-                    if lo < span_lo[px]:
-                        span_lo[px] = lo
-                    if hi > span_hi[px]:
-                        span_hi[px] = hi
-                continue
-            if qx > px:
-                qx, qy, px, py = px, py, qx, qy
-            if px - qx == 1:  # dense data: neighbouring columns, split the step between them
-                mid = (qy + py) / 2
-                for cx, cy in ((qx, qy), (px, py)):
-                    if 0 <= cx < n_px:
-                        lo, hi = (round(cy), round(mid)) if cy <= mid else (round(mid), round(cy))
-                        if lo < span_lo[cx]:
-                            span_lo[cx] = lo
-                        if hi > span_hi[cx]:
-                            span_hi[cx] = hi
-                continue
-            slope = (py - qy) / (px - qx)
-            for c in range(max(qx, 0), min(px, n_px - 1) + 1):
-                ya = qy + slope * (max(c - 0.5, qx) - qx)
-                yb = qy + slope * (min(c + 0.5, px) - qx)
-                lo, hi = (round(ya), round(yb)) if ya <= yb else (round(yb), round(ya))
-                if lo < span_lo[c]:
-                    span_lo[c] = lo
-                if hi > span_hi[c]:
-                    span_hi[c] = hi
+        span_lo, span_hi = _no_spans(self.width * 2)
+        _cover(pts, span_lo, span_hi, None)
+        self.fill(span_lo, span_hi, color, dotted)
+
+    def fill(self, span_lo: list[int], span_hi: list[int], color: str, dotted: bool) -> None:
+        """Set the dots of each pixel column's span (from :func:`_cover`)."""
         bits, colors = self.bits, (self.dotted if dotted else self.solid)
         max_py = self.height * 4 - 1
-        for px in range(n_px):
+        for px in range(len(span_lo)):
             lo, hi = span_lo[px], span_hi[px]
             if lo > hi or (dotted and px % 3 == 2):
                 continue
@@ -214,14 +170,71 @@ class Canvas:
                 colors[cy][cx] = color
 
 
-def _pixels(xs: Sequence[float], ys: list[float], xlo: float, xhi: float, ylo: float, yhi: float, pw: int, ph: int) -> list[tuple[int, int] | None]:
+def _no_spans(n_px: int) -> tuple[list[int], list[int]]:
+    """Per pixel column, the lowest and highest pixel row covered: none yet (lo > hi)."""
+    return [1 << 30] * n_px, [-1] * n_px
+
+
+def _cover(pts: list[tuple[int, int] | None], span_lo: list[int], span_hi: list[int],
+           prev: tuple[int, int] | None) -> tuple[int, int] | None:
+    """Widen the spans by the line through ``pts`` (joined to ``prev``, the point drawn before them, if any); returns
+    the last point. Plain lists and inline comparisons: this runs for every point drawn, every frame."""
+    n_px = len(span_lo)
+    for p in pts:
+        if p is None:
+            prev = None
+            continue
+        px, py = p
+        if prev is None:
+            if 0 <= px < n_px:
+                if py < span_lo[px]:
+                    span_lo[px] = py
+                if py > span_hi[px]:
+                    span_hi[px] = py
+            prev = p
+            continue
+        qx, qy = prev
+        prev = p
+        if qx == px:
+            if 0 <= px < n_px:
+                lo, hi = (qy, py) if qy <= py else (py, qy)
+                if lo < span_lo[px]:
+                    span_lo[px] = lo
+                if hi > span_hi[px]:
+                    span_hi[px] = hi
+            continue
+        if qx > px:
+            qx, qy, px, py = px, py, qx, qy
+        if px - qx == 1:  # dense data: neighbouring columns, split the step between them
+            mid = (qy + py) / 2
+            for cx, cy in ((qx, qy), (px, py)):
+                if 0 <= cx < n_px:
+                    lo, hi = (round(cy), round(mid)) if cy <= mid else (round(mid), round(cy))
+                    if lo < span_lo[cx]:
+                        span_lo[cx] = lo
+                    if hi > span_hi[cx]:
+                        span_hi[cx] = hi
+            continue
+        slope = (py - qy) / (px - qx)
+        for c in range(max(qx, 0), min(px, n_px - 1) + 1):
+            ya = qy + slope * (max(c - 0.5, qx) - qx)
+            yb = qy + slope * (min(c + 0.5, px) - qx)
+            lo, hi = (round(ya), round(yb)) if ya <= yb else (round(yb), round(ya))
+            if lo < span_lo[c]:
+                span_lo[c] = lo
+            if hi > span_hi[c]:
+                span_hi[c] = hi
+    return prev
+
+
+def _pixels(xs: Sequence[float], ys: list[float], xlo: float, xhi: float, ylo: float, yhi: float, pw: int, ph: int,
+            last: tuple[int, int] | None = None) -> list[tuple[int, int] | None]:
     """Pixel coordinates of the points (``ys`` already transformed); ``None`` where a non-finite value breaks the
-    line; consecutive duplicates dropped."""
+    line; consecutive duplicates dropped (``last``: the point drawn just before these)."""
     sx = (pw - 1) / (xhi - xlo) if xhi > xlo else 0.0
     sy = (ph - 1) / (yhi - ylo) if yhi > ylo else 0.0
     out: list[tuple[int, int] | None] = []
     append = out.append
-    last: tuple[int, int] | None = None
     for x, y in zip(xs, ys):
         if y != y or x != x or y in (math.inf, -math.inf):  # NaN or infinite: a break in the line
             if last is not None:
@@ -254,20 +267,22 @@ def _reducible(xs: Sequence[float], ys: Sequence[float], log_y: bool) -> bool:
     return all(map(operator.le, xs, islice(xs, 1, None)))
 
 
-def _reduce(xs: Sequence[float], ys: Sequence[float], xlo: float, sx: float) -> tuple[list[float], list[float]]:
+def _reduce(xs: Sequence[float], ys: Sequence[float], xlo: float, sx: float, start: int = 0,
+            stop: int | None = None) -> tuple[list[float], list[float]]:
     """The points of a dense trace that decide its drawing: per pixel column, its first and last points (which join
     it to its neighbours) and its lowest and highest (its vertical span), in step order; the rest lie between and
     change no dot. A live series holds thousands of points for a few hundred columns, and the per-point work in
     :func:`_pixels` and :meth:`Canvas.polyline` was most of the TUI's CPU while following a fast run. The column
     ends are found by bisection and the extremes by ``min``/``max`` over slices, so the Python-level work follows
-    the columns, not the points. Needs :func:`_reducible`."""
-    n = len(xs)
+    the columns, not the points. Needs :func:`_reducible`. ``start`` and ``stop`` (column boundaries) take a part of
+    the trace."""
+    n = len(xs) if stop is None else stop
     out_x: list[float] = []
     out_y: list[float] = []
-    i = 0
+    i = start
     while i < n:
         col = _column_of(xs[i], xlo, sx)
-        j = bisect_left(xs, xlo + (col + 0.5) / sx, i + 1)
+        j = bisect_left(xs, xlo + (col + 0.5) / sx, i + 1, n)
         # the bisection's boundary is computed in floating point: settle it with the rounding _pixels uses
         while j > i + 1 and _column_of(xs[j - 1], xlo, sx) > col:
             j -= 1
@@ -283,6 +298,61 @@ def _reduce(xs: Sequence[float], ys: Sequence[float], xlo: float, sx: float) -> 
                 out_y.append(seg[k])
         i = j
     return out_x, out_y
+
+
+def _last_column_start(xs: Sequence[float], xlo: float, sx: float) -> int:
+    """The index of the first point in the pixel column of the last one."""
+    n = len(xs)
+    col = _column_of(xs[-1], xlo, sx)
+    i = bisect_left(xs, xlo + (col - 0.5) / sx, 0, n)
+    while i > 0 and _column_of(xs[i - 1], xlo, sx) >= col:
+        i -= 1
+    while i < n - 1 and _column_of(xs[i], xlo, sx) < col:
+        i += 1
+    return i
+
+
+@dataclass
+class TraceSpans:
+    """What :func:`_trace_spans` keeps of a trace for the next frame: the pixel spans of its points before
+    ``resume`` (the start of its last pixel column), drawn on the plot ``geometry``, and the last of those points."""
+
+    geometry: tuple[float, float, float, float, int, int, bool]
+    xs: Sequence[float]
+    ys: Sequence[float]
+    resume: int
+    lo: list[int]
+    hi: list[int]
+    prev: tuple[int, int] | None
+
+
+def _trace_spans(xs: Sequence[float], ys: Sequence[float], geometry: tuple[float, float, float, float, int, int, bool],
+                 kept: TraceSpans | None) -> tuple[list[int], list[int], TraceSpans]:
+    """The pixel spans of a reducible trace (see :func:`_reduce`), and what to keep for the next frame.
+
+    A live trace gains a few points a frame and a plan's not at all: when the plot's geometry (axes, size) is the
+    same and the trace starts with the points ``kept`` was drawn from, only the points from ``kept.resume`` on are
+    drawn again. Splitting a trace anywhere draws the same dots (each part keeps its columns' ends and extremes, and
+    the parts are joined as neighbours), so the result equals drawing it whole."""
+    xlo, xhi, ylo, yhi, pw, ph, log_y = geometry
+    sx = (pw - 1) / (xhi - xlo)
+    start, prev = 0, None
+    if (kept is not None and kept.geometry == geometry and kept.resume <= len(xs)
+            and (kept.xs is xs or (xs[: kept.resume] == kept.xs[: kept.resume]
+                                   and ys[: kept.resume] == kept.ys[: kept.resume]))):
+        lo, hi, start, prev = kept.lo[:], kept.hi[:], kept.resume, kept.prev
+    else:
+        lo, hi = _no_spans(pw)
+
+    def draw(a: int, b: int, prev: tuple[int, int] | None) -> tuple[int, int] | None:
+        rx, ry = _reduce(xs, ys, xlo, sx, a, b)
+        return _cover(_pixels(rx, _transform(ry, log_y), xlo, xhi, ylo, yhi, pw, ph, last=prev), lo, hi, prev)
+
+    resume = max(_last_column_start(xs, xlo, sx), start)
+    prev = draw(start, resume, prev)
+    keep = TraceSpans(geometry, xs, ys, resume, lo[:], hi[:], prev)
+    draw(resume, len(xs), prev)
+    return lo, hi, keep
 
 
 def _merge_runs(cells: list[Run]) -> list[Run]:
@@ -303,8 +373,12 @@ def _cut(trace: Trace, x_max: float) -> Trace:
     return replace(trace, xs=trace.xs[:n], ys=trace.ys[:n])
 
 
-def render_chart(spec: ChartSpec, width: int, height: int) -> list[list[Run]]:
-    """The chart as ``height`` rows of styled runs, each row ``width`` cells wide (legend not included)."""
+def render_chart(spec: ChartSpec, width: int, height: int, kept: dict[tuple[str, str, bool], TraceSpans] | None = None
+                 ) -> list[list[Run]]:
+    """The chart as ``height`` rows of styled runs, each row ``width`` cells wide (legend not included).
+
+    ``kept``: a dict the caller holds from one frame to the next; long traces leave their pixel spans in it, and
+    draw only their new points next time (see :func:`_trace_spans`). The rows are the same with or without it."""
     if width < 12 or height < 4:
         return [[(" " * width, "")] for _ in range(height)]
     # cut where the axis ends, so that the y range fits what is shown
@@ -347,13 +421,18 @@ def render_chart(spec: ChartSpec, width: int, height: int) -> list[list[Run]]:
     gutter = max(len(s) for s in labels.values()) + 1
     plot_w = width - gutter
     canvas = Canvas(plot_w, plot_h)
-    sx = (plot_w * 2 - 1) / (xhi - xlo)  # as in _pixels
+    geometry = (xlo, xhi, ylo, yhi, plot_w * 2, plot_h * 4, spec.log_y)
+    drawn: dict[tuple[str, str, bool], TraceSpans] = {}
     for trace, ys in sorted(zip(traces, ys_t), key=lambda p: not p[0].dotted):
-        xs = trace.xs
         if ys is None:
-            xs, ys = _reduce(trace.xs, trace.ys, xlo, sx)
-            ys = _transform(ys, spec.log_y)
-        canvas.polyline(_pixels(xs, ys, xlo, xhi, ylo, yhi, plot_w * 2, plot_h * 4), trace.color, trace.dotted)
+            key = (trace.label, trace.color, trace.dotted)
+            lo, hi, drawn[key] = _trace_spans(trace.xs, trace.ys, geometry, None if kept is None else kept.get(key))
+            canvas.fill(lo, hi, trace.color, trace.dotted)
+        else:
+            canvas.polyline(_pixels(trace.xs, ys, xlo, xhi, ylo, yhi, plot_w * 2, plot_h * 4), trace.color, trace.dotted)
+    if kept is not None:
+        kept.clear()
+        kept.update(drawn)
 
     marker_cols: dict[int, str] = {}
     for m in spec.markers:

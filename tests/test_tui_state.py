@@ -351,6 +351,36 @@ def test_long_traces_are_drawn_exactly_as_point_by_point(traces: list[Trace], lo
     assert reduced == whole
 
 
+@settings(max_examples=150, deadline=None)
+@given(data=st.data(), log_y=st.booleans(), width=st.integers(12, 100), height=st.integers(4, 24))
+def test_a_chart_redrawn_frame_after_frame_equals_one_drawn_afresh(data: st.DataObject, log_y: bool, width: int,
+                                                                    height: int) -> None:
+    """The charts keep each long trace's pixel spans from one frame to the next and draw only its new points: frame
+    after frame, as the traces grow, are decimated (a Series compacting), change their range (the y axis moves) or
+    the axis ends elsewhere, the chart must equal one drawn from scratch."""
+    kept: dict = {}
+    steps = list(range(data.draw(st.integers(plot.REDUCE_OVER + 1, 300))))
+    live = [0.5 + math.sin(i / 9) * 0.4 for i in steps]
+    plan_x = [float(i) for i in range(0, 4000, 3)]
+    plan_y = [0.2 + 0.1 * math.cos(i / 200) for i in plan_x]
+    for _ in range(data.draw(st.integers(2, 6))):
+        move = data.draw(st.sampled_from(["grow", "grow", "grow", "compact", "spike", "axis"]))
+        x_max = None
+        if move == "grow":
+            for _ in range(data.draw(st.integers(0, 200))):
+                steps.append(steps[-1] + data.draw(st.integers(0, 3)))
+                live.append(max(1e-3, live[-1] + data.draw(st.floats(-0.02, 0.02))))
+        elif move == "compact":  # every other point goes, as when a Series halves its storage
+            steps, live = steps[::2], live[::2]
+        elif move == "spike":
+            live[-1] = data.draw(st.sampled_from([5.0, 1e-4]))
+        else:
+            x_max = float(data.draw(st.integers(steps[-1], 5000)))
+        spec = ChartSpec([Trace("live", [float(x) for x in steps], list(live)), Trace("plan", plan_x, plan_y, dotted=True)],
+                         log_y=log_y, x_max=x_max)
+        assert render_chart(spec, width, height, kept) == render_chart(spec, width, height), move
+
+
 def test_a_growing_axis_ends_at_a_round_value_past_the_newest_point() -> None:
     assert [live_axis_end(x) for x in (1, 7, 95, 101, 369, 1000, 1001, 20_345)] == [
         1, 7, 100, 110, 400, 1000, 1100, 22_000]

@@ -16,7 +16,7 @@ from textual.geometry import Region
 from textual.strip import Strip
 from textual.widget import Widget
 
-from fts_tui.plot import ChartSpec, Run, legend_rows, render_chart
+from fts_tui.plot import ChartSpec, Run, TraceSpans, legend_rows, render_chart
 from fts_tui.views import LegendEntry
 
 
@@ -38,6 +38,7 @@ class Chart(Widget, can_focus=True):
         self._legend: list[LegendEntry] = []
         self._legend_max = legend_rows
         self._runs: list[list[Run]] = []  # what the rows show, as render_chart's styled runs (compared on updates)
+        self._kept: dict[tuple[str, str, bool], TraceSpans] = {}  # long traces' pixel spans from the last build
         self._rows: list[Strip] | None = None
         self._rows_size: tuple[int, int] = (0, 0)
         self._base = Style()  # the widget's style the rows were built with
@@ -81,7 +82,7 @@ class Chart(Widget, can_focus=True):
     def _render_runs(self) -> list[list[Run]]:
         width, height = self.size
         legend = legend_rows([e.as_tuple() for e in self._legend], width, self._legend_max, self._spec.legend_prefix)
-        body = render_chart(self._spec, width, max(height - len(legend), 0))
+        body = render_chart(self._spec, width, max(height - len(legend), 0), self._kept)
         self.builds += 1
         return legend + body
 
