@@ -344,7 +344,6 @@ def resolve_run_location(opts: StartOptions, rank: int = 0) -> tuple[str, Path]:
 # ------------------------------------------------------------------------------------------------ daemon
 
 
-
 class _Yield:
     """The planner's pause: after ``work_s`` of simulating, sleep ``rest_s``. It runs on a thread of the training
     process, and a thread that keeps the GIL makes the training thread wait up to the switch interval (5 ms) each
@@ -359,6 +358,7 @@ class _Yield:
         if time.perf_counter() - self._since >= self.work_s:
             time.sleep(self.rest_s)
             self._since = time.perf_counter()
+
 
 class Daemon:
     """One start of a run. ``run()`` blocks until the run ends and returns the exit code."""

@@ -70,7 +70,7 @@ class Chart(Widget, can_focus=True):
         if len(runs) != len(rows):
             changed.extend(range(len(runs), len(rows)))  # rows no longer drawn (render_line blanks them)
         base, styles = self._base, {}
-        strips = [*rows[: len(runs)]]
+        strips = [*rows[: len(runs)], *[Strip.blank(size[0], base)] * (len(runs) - len(rows))]  # the same length
         for y in changed:
             if y < len(runs):
                 strips[y] = self._strip(runs[y], base, styles)
