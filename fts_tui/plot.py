@@ -333,7 +333,10 @@ def _trace_spans(xs: Sequence[float], ys: Sequence[float], geometry: tuple[float
     A live trace gains a few points a frame and a plan's not at all: when the plot's geometry (axes, size) is the
     same and the trace starts with the points ``kept`` was drawn from, only the points from ``kept.resume`` on are
     drawn again. Splitting a trace anywhere draws the same dots (each part keeps its columns' ends and extremes, and
-    the parts are joined as neighbours), so the result equals drawing it whole."""
+    the parts are joined as neighbours), so the result equals drawing it whole. The split is kept at the start of
+    the last pixel column rather than at the last point because a live Series rewrites its newest few points (they
+    become a min/max pair as its stride fills): that rewrite then falls in the part drawn again, and the rest
+    matches next frame."""
     xlo, xhi, ylo, yhi, pw, ph, log_y = geometry
     sx = (pw - 1) / (xhi - xlo)
     start, prev = 0, None
