@@ -7,7 +7,8 @@ asks the state what changed and redraws only those panels, inside one ``batch_up
 previous frame is less than ``1/redraw_hz`` old. Nothing redraws per event, so a burst costs one frame, and it is
 on screen a render after it arrived rather than after a fixed tick (a daemon sends its events in batches about
 100 ms apart: about one frame per batch). A slow tick keeps the header's clock moving and serves sources that never
-call ``on_update``.
+call ``on_update``. While the host's cores are all busy, a CPU budget spaces frames further apart
+(:mod:`fts_tui.pacing`): what the cockpit computes, training loses.
 
 Importing this module never imports torch or Lightning (tests check it).
 """
@@ -28,6 +29,7 @@ from textual.widget import Widget
 from textual.widgets import Footer
 from textual.worker import Worker, WorkerState
 
+from fts_tui.pacing import FramePacer, host_busy
 from fts_tui.screens import EditsScreen, HelpScreen, MetricPicker, PhaseScreen
 from fts_tui.source import Source
 from fts_tui.state import EDITS, LOG, LR, METRICS, PLAN, SCHEDULE, EditInfo, RunState
@@ -59,11 +61,21 @@ class FtsApp(App[None]):
         Binding("q", "quit", "Quit"),
     ]
 
-    def __init__(self, source: Source, *, clock: Callable[[], float] = time.monotonic, redraw_hz: float = DEFAULT_REDRAW_HZ) -> None:
+    def __init__(
+        self,
+        source: Source,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        redraw_hz: float = DEFAULT_REDRAW_HZ,
+        cpu_budget: float | None = None,
+        busy: Callable[[], bool] = host_busy,
+    ) -> None:
+        """``cpu_budget``: the share of one core to stay under while ``busy()`` (``fts-tui`` passes 3%); None draws
+        at ``redraw_hz`` whatever the host's load."""
         super().__init__()
         self.source = source
         self.clock = clock
-        self.redraw_interval = 1.0 / redraw_hz
+        self.pacer = FramePacer(1.0 / redraw_hz, cpu_budget, busy=busy)
         self.log_y = True
         self.show_plan = True
         self.overlay = False
@@ -71,9 +83,15 @@ class FtsApp(App[None]):
         self.frames = 0  # redraws that changed something (the bench reads it)
         self._frame_at = -1e9  # time.monotonic() of the last redraw that changed something
         self._frame_timer: Timer | None = None  # a redraw scheduled by data_arrived, not yet run
+        self._frame_due = 0.0  # when that redraw is due (time.monotonic())
         self._shown_titles: dict[str | None, tuple[str, str]] = {}  # per panel id: its border title and subtitle
         self._news_since: float | None = None  # time.monotonic() of the first news the scheduled frame will show
         self.after_redraw: Callable[[FtsApp], None] | None = None  # bench hook
+
+    @property
+    def redraw_interval(self) -> float:
+        """The shortest time between two frames now."""
+        return self.pacer.interval()
 
     @property
     def state(self) -> RunState:
@@ -102,8 +120,9 @@ class FtsApp(App[None]):
         self.event_log.border_title = "events"
         self._titles()
         self.source.on_update = self.data_arrived  # a burst of events gets its frame as soon as it is in
+        self.source.pace = self.pacer.throttled
         self.run_worker(self.source.run(), name="source", group="source", exclusive=True, exit_on_error=False)
-        self.set_interval(max(self.redraw_interval, TICK_S), self._tick)
+        self.set_interval(max(self.pacer.min_interval, TICK_S), self._tick)
         self.redraw()
         self.schedule.focus()
 
@@ -151,7 +170,10 @@ class FtsApp(App[None]):
             self._news_since = now
         due = max(min(now + COALESCE_S, self._news_since + MAX_COALESCE_S), self._frame_at + self.redraw_interval)
         if self._frame_timer is not None:
+            if abs(due - self._frame_due) < 0.001:
+                return  # the frame rate sets the time, not this burst (a throttled frame): the timer stands
             self._frame_timer.stop()
+        self._frame_due = due
         self._frame_timer = self.set_timer(max(due - now, 0.001), self._scheduled_frame)  # Textual refuses 0
 
     def _scheduled_frame(self) -> None:
@@ -161,10 +183,12 @@ class FtsApp(App[None]):
 
     def _tick(self) -> None:
         """The header's clock (connection age, rates) every tick; the panels only when no frame drew them lately
-        (a source without ``on_update``, or changes that did not come as events)."""
-        if self._frame_timer is None and time.monotonic() - self._frame_at >= self.redraw_interval:
+        (a source without ``on_update``, or changes that did not come as events). While the CPU budget spaces
+        frames out, the header waits for them too: it shows the step, which moves with every event."""
+        since_frame = time.monotonic() - self._frame_at
+        if self._frame_timer is None and since_frame >= self.redraw_interval:
             self.redraw()
-        else:
+        elif self.pacer.throttled() is None:
             self.header.show(header_lines(self.state, self.clock(), self.source.label))
 
     def redraw(self, dirty: Iterable[str] | None = None) -> None:
@@ -172,7 +196,7 @@ class FtsApp(App[None]):
         state = self.state
         changed = state.take_dirty() | set(dirty or ())
         with self.batch_update():
-            self.header.show(header_lines(state, self.clock(), self.source.label))
+            self.header.show(header_lines(state, self.clock(), self.source.label, self.pacer.throttled()))
             if changed & {SCHEDULE, EDITS, PLAN}:
                 self.schedule.update_from(state)
             if changed & {LR, PLAN}:
@@ -189,6 +213,7 @@ class FtsApp(App[None]):
                     update(state, changed)
         if changed:
             self.frames += 1
+            self.pacer.frame()
             self._frame_at = time.monotonic()  # frame pacing is real time, whatever clock the header shows
         if self.after_redraw is not None:
             self.after_redraw(self)

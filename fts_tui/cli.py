@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from fts_tui import __version__
+from fts_tui.pacing import DEFAULT_CPU_BUDGET
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,6 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     for p in (attach, replay):
         p.add_argument("--redraw-hz", type=float, default=None,
                        help="the most screen updates per second (default 20; bursts of events are drawn as they come)")
+    attach.add_argument("--cpu-budget", type=float, default=100 * DEFAULT_CPU_BUDGET, metavar="PERCENT",
+                        help="while every core is busy (1-minute load average >= 90%% of the cores), draw only as often "
+                        "as keeps fts-tui under this share of one core, down to one frame a second (default "
+                        f"{100 * DEFAULT_CPU_BUDGET:g}; 0: always draw at --redraw-hz)")
     return parser
 
 
@@ -58,7 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ResolveError as err:
         print(f"fts-tui: {err}", file=sys.stderr)
         return 2
-    FtsApp(LiveSource(target, request_timeout=args.timeout), redraw_hz=redraw_hz).run()
+    budget = args.cpu_budget / 100 if args.cpu_budget > 0 else None
+    FtsApp(LiveSource(target, request_timeout=args.timeout), redraw_hz=redraw_hz, cpu_budget=budget).run()
     return 0
 
 

@@ -175,6 +175,7 @@ class LiveSource:
         self.label = target.describe()
         self.on_update: Callable[[], None] | None = None  # see Source
         self._updated_at = -1e9  # time.monotonic() of the last on_update call
+        self.pace: Callable[[], float | None] | None = None  # see Source
 
     # ------------------------------------------------------------------------------------------------ sockets
 
@@ -384,7 +385,10 @@ class LiveSource:
                 # UPDATE_EVERY_S
                 if emptied or time.monotonic() - self._updated_at >= UPDATE_EVERY_S:
                     self._updated()
-                await asyncio.sleep(0)  # let the UI breathe between bursts
+                pace = self.pace() if emptied and self.pace is not None else None
+                # the app draws once a second or so: events wait in the socket (RCVHWM holds minutes of them)
+                # rather than wake this process for each daemon batch, every wake-up taking a core from training
+                await asyncio.sleep(pace or 0)
                 continue
             silent = self.clock() - (self.state.last_heard or self.clock())
             if silent > self.heartbeat_timeout:

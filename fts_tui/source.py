@@ -47,6 +47,9 @@ class Source(Protocol):
     read_only: bool
     # set by the app; called (on the app's event loop) after a burst of events has been applied
     on_update: Callable[[], None] | None
+    # set by the app: the time between its frames while its CPU budget spaces them out (else None); a live source
+    # reads its socket as seldom, so that it wakes once a frame rather than once a daemon batch
+    pace: Callable[[], float | None] | None
 
     async def run(self) -> None:
         """Keep ``state`` up to date until cancelled."""
@@ -69,6 +72,7 @@ class ReplaySource:
         self.report: ReplayReport | None = None
         self.label = str(self.target)
         self.on_update: Callable[[], None] | None = None
+        self.pace: Callable[[], float | None] | None = None  # unused: nothing arrives by itself
 
     def load(self) -> ReplayReport:
         if self.report is None:
@@ -119,6 +123,7 @@ class MemorySource:
         self.read_only = handler is None
         self.requests: list[tuple[str, dict[str, Any]]] = []
         self.on_update: Callable[[], None] | None = None
+        self.pace: Callable[[], float | None] | None = None  # unused: nothing arrives by itself
         self.state.set_connection("live")
 
     def feed(self, events: Iterable[Event | dict[str, Any]]) -> None:

@@ -67,8 +67,9 @@ def config_names(config: Any) -> str:
     return ", ".join(PurePath(str(p)).name for p in paths if p)
 
 
-def header_lines(state: RunState, now: float, source: str) -> list[list[Cell]]:
-    """Two rows: the run, then where the data comes from and how fresh it is."""
+def header_lines(state: RunState, now: float, source: str, throttled: float | None = None) -> list[list[Cell]]:
+    """Two rows: the run, then where the data comes from and how fresh it is (``throttled``: the time between
+    frames, where the CPU budget has lengthened it)."""
     run = state.run or "(no run yet)"
     model = state.info.get("model") or state.info.get("module") or ""
     first: list[Cell] = [("fts ", "bold"), (run, "bold #4fc3f7")]
@@ -99,6 +100,8 @@ def header_lines(state: RunState, now: float, source: str) -> list[list[Cell]]:
     if state.needs_resync and state.resync_reason:
         second.append((f"  resync: {state.resync_reason}", "#ffb74d"))
     second += [("  ", ""), (source, "dim")]
+    if throttled is not None:
+        second += [("  ", ""), (f"drawing every {throttled:.1f}s: cores busy", "dim")]
     pending = len(state.pending_edits())
     if pending:
         second += [("  ", ""), (f"✎ {pending} pending edit{'s' if pending != 1 else ''}", "bold #ffb74d")]

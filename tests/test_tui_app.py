@@ -423,3 +423,32 @@ async def test_a_burst_is_drawn_when_it_arrives_and_frames_keep_their_pace() -> 
         source.feed(build_run()[450:500])
         await pilot.pause(1.0)
         assert chart.builds == before + 2
+
+
+@pytest.mark.asyncio
+async def test_on_a_busy_host_the_cpu_budget_spaces_frames_but_keys_still_draw_at_once() -> None:
+    events = build_run()
+    frames: dict[str, int] = {}
+    for budget in (None, 1e-4):  # no budget, then one no frame fits in: a frame a second
+        source = MemorySource(label="busy")
+        source.feed(events[:300])
+        app = FtsApp(source, cpu_budget=budget, busy=lambda: True)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.pause(0.3)
+            first = app.frames
+            for i in range(300, 360, 2):  # 30 bursts, 60 ms apart: ~1.8 s
+                source.feed(events[i : i + 2])
+                await pilot.pause(0.06)
+            frames[str(budget)] = app.frames - first
+            header = app.query_one(RunHeader).plain
+            if budget is None:
+                assert "cores busy" not in header
+                continue
+            assert "drawing every 1.0s: cores busy" in header
+            # the charts show the data of the last frame, at most a second old; a key redraws at once
+            title = app.lr_chart.border_title
+            await pilot.press("l")
+            await pilot.pause(0.05)
+            assert app.lr_chart.border_title != title
+    assert frames["None"] >= 10
+    assert 1 <= frames["0.0001"] <= 3

@@ -326,3 +326,28 @@ async def test_the_app_hears_of_each_burst_once_it_is_applied(bus: EventBus) -> 
         publish(bus, EVENTS[100:200])
         await until(lambda: seen[-1] == bus.seq)  # the burst, whole, before the app was told
         assert len(seen) < 1 + 100  # not once per event
+
+
+@pytest.mark.asyncio
+async def test_a_paced_source_reads_once_a_frame_and_loses_nothing(bus: EventBus) -> None:
+    """While the app's CPU budget spaces frames 0.4 s apart, the source reads the socket as seldom: events published
+    20 ms apart (sent in the daemon's 100 ms batches) reach the app in a few big bursts, every event in order."""
+    publish(bus, EVENTS[:100])
+    await until(lambda: bus.seq >= 100)
+    counts: dict[str, int] = {}
+    for pace, burst in ((None, EVENTS[100:200]), (0.4, EVENTS[200:300])):
+        source = LiveSource(Target(ctl=bus.endpoints[1]), heartbeat_timeout=5.0)
+        updates: list[int] = []
+        source.on_update = lambda source=source, updates=updates: updates.append(source.state.last_seq)
+        source.pace = lambda pace=pace: pace
+        async with following(source):
+            start = len(updates)
+            for e in burst:
+                bus.publish(e.kind, e.data, e.step, e.epoch)
+                await asyncio.sleep(0.02)
+            await until(lambda source=source: source.state.last_seq == bus.seq)
+            counts[str(pace)] = len(updates) - start
+            assert not source.state.needs_resync and source.snapshots == 1  # no gap: nothing was dropped
+    assert counts["None"] >= 15  # ~2 s of batches: the daemon's own pace (100 ms) or faster
+    assert 2 <= counts["0.4"] <= 8  # ~2 s at 0.4 s a read
+

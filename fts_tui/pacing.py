@@ -1,0 +1,85 @@
+"""How often the cockpit draws: up to ``redraw_hz`` frames a second, and, while the host's cores are all busy,
+only as often as keeps the cockpit's own CPU under a budget.
+
+Why: on a machine where training keeps every core busy (CPU fine-tuning, torch using one thread per core), every
+millisecond the cockpit computes is taken from training, and more than that, since torch's threads wait for each
+other at the end of every parallel op. Measured on 2 vCPUs (the demo model at full speed, ~560 steps/s): the
+cockpit drawing ~10 frames a second took ~9% of a core and training slowed by ~15%. A frame costs about the same
+whatever it shows, so drawing less often is what saves CPU; where cores are free (a GPU run, a workstation) nothing
+is gained by it and the cockpit draws at its full rate.
+
+Pure logic, with the clocks and the load probe passed in: tested without a screen.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+__all__ = ["DEFAULT_CPU_BUDGET", "MAX_FRAME_INTERVAL_S", "FramePacer", "host_busy"]
+
+DEFAULT_CPU_BUDGET = 0.03  # share of one core `fts-tui` aims to stay under while the host is busy
+MAX_FRAME_INTERVAL_S = 1.0  # however busy the host, the charts move at least once a second
+BUSY_LOAD_SHARE = 0.9  # busy: the 1-minute load average is at least this share of the core count
+BUSY_RECHECK_S = 5.0  # the load average moves over a minute: no need to read it every frame
+
+
+def host_busy() -> bool:
+    """Whether the host's runnable threads fill (nearly) all its cores, by the 1-minute load average."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # not available on this platform: assume cores to spare
+        return False
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return load >= BUSY_LOAD_SHARE * cores
+
+
+@dataclass
+class FramePacer:
+    """The shortest time between two frames.
+
+    ``budget`` is a share of one core (0.03: 3%), or None for no budget. While ``busy()`` says so, the interval is
+    what a frame costs divided by the budget, between ``min_interval`` and ``max_interval``. What a frame costs is
+    the process's CPU time from one frame to the next (smoothed): drawing, compositing, but also receiving events
+    and idling, so the estimate errs on the side of fewer frames. With a cost of ``f + x * T`` for frames ``T``
+    apart (``x``: what the process spends per second whatever it draws), the interval settles at ``f / (budget -
+    x)``, where the process's share is the budget, or at ``max_interval`` when ``x`` alone exceeds the budget.
+    """
+
+    min_interval: float
+    budget: float | None = None
+    max_interval: float = MAX_FRAME_INTERVAL_S
+    busy: Callable[[], bool] = host_busy
+    cpu: Callable[[], float] = time.process_time
+    clock: Callable[[], float] = time.monotonic
+    smoothing: float = 0.3
+    cost: float | None = field(default=None, init=False)  # smoothed CPU seconds per frame
+    _cpu_at: float | None = field(default=None, init=False)
+    _busy: bool = field(default=False, init=False)
+    _busy_at: float | None = field(default=None, init=False)
+
+    def frame(self) -> None:
+        """A frame was drawn: what the process used since the one before is what a frame costs."""
+        now = self.cpu()
+        if self._cpu_at is not None:
+            used = max(0.0, now - self._cpu_at)
+            self.cost = used if self.cost is None else self.cost + self.smoothing * (used - self.cost)
+        self._cpu_at = now
+
+    def host_is_busy(self) -> bool:
+        now = self.clock()
+        if self._busy_at is None or now - self._busy_at >= BUSY_RECHECK_S:
+            self._busy, self._busy_at = bool(self.busy()), now
+        return self._busy
+
+    def interval(self) -> float:
+        if not self.budget or self.cost is None or not self.host_is_busy():
+            return self.min_interval
+        return min(max(self.min_interval, self.max_interval), max(self.min_interval, self.cost / self.budget))
+
+    def throttled(self) -> float | None:
+        """The interval, where the budget has made it longer than the frame rate's (for the header); else None."""
+        interval = self.interval()
+        return interval if interval > 1.5 * self.min_interval else None
