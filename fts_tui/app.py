@@ -135,6 +135,8 @@ class FtsApp(App[None]):
             lr_subtitle = f"┈ planned to epoch {plan.horizon_epochs} (t)"  # a long run's plan stops at a horizon
         elif plan is not None:
             lr_subtitle = "┈ planned (t)"
+        elif self.state.planning:
+            lr_subtitle = "┈ planning…"  # the daemon simulates up to 500,000 steps: tens of seconds
         else:
             error = self.state.plan_error or ""
             lr_subtitle = error if error.startswith("no plan") or not error else f"no plan: {error}"

@@ -446,9 +446,16 @@ class LiveSource:
         if self.clock() - self._plan_at < self._plan_wait:
             return
         self._plan_rev, self._plan_at = self.state.schedule_rev, self.clock()
+        self.state.set_planning(True)
         self._plan_task = asyncio.get_running_loop().create_task(self._fetch_plan())
 
     async def _fetch_plan(self) -> None:
+        try:
+            await self._fetch_plan_once()
+        finally:
+            self.state.set_planning(False)
+
+    async def _fetch_plan_once(self) -> None:
         try:
             result = await self.request("plan", timeout=max(self.request_timeout, PLAN_TIMEOUT_S), **plan_args(self.state))
         except RequestError as err:

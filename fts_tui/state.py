@@ -276,6 +276,7 @@ class RunState:
         self.connection_note = ""
         self.plan: PlanData | None = None
         self.plan_error: str | None = None
+        self.planning = False  # a plan request is in flight (a long run's takes tens of seconds)
         # counters that survive reset(): widgets and the client compare them with what they last saw
         self.log_epoch = 0  # bumped when the log is rebuilt rather than appended to
         self.schedule_rev = 0  # bumped by every schedule load (the client re-plans when it moves)
@@ -564,6 +565,11 @@ class RunState:
         self.plan = PlanData.from_dict(result) if isinstance(result, Mapping) else result
         self.plan_error = error
         self.mark(PLAN, LR, SCHEDULE)
+
+    def set_planning(self, planning: bool) -> None:
+        if planning != self.planning:
+            self.planning = planning
+            self.mark(PLAN)
 
     # ------------------------------------------------------------------------------------------------ derived
 

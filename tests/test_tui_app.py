@@ -125,6 +125,12 @@ async def test_view_keys_log_plan_overlay_metrics_zoom() -> None:
             app.redraw()
             await pilot.pause()
             assert str(lr.border_subtitle) == shown
+        app.state.set_plan(None)
+        app.state.set_planning(True)  # the client's request is in flight
+        app.redraw()
+        await pilot.pause()
+        assert str(lr.border_subtitle) == "┈ planning…"
+        app.state.set_planning(False)
         app.state.set_plan({**plan_for(), "horizon_epochs": 9})  # a long run's plan, simulated to a horizon
         app.redraw()
         await pilot.pause()

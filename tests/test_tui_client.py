@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -351,3 +352,30 @@ async def test_a_paced_source_reads_once_a_frame_and_loses_nothing(bus: EventBus
     assert counts["None"] >= 15  # ~2 s of batches: the daemon's own pace (100 ms) or faster
     assert 2 <= counts["0.4"] <= 8  # ~2 s at 0.4 s a read
 
+
+@pytest.mark.asyncio
+async def test_a_plan_in_the_making_is_shown_as_such() -> None:
+    """A long run's plan takes the daemon tens of seconds: meanwhile the state says it is planning (the LR chart's
+    subtitle reads "planning…"), and stops saying so once the plan, or its refusal, is in."""
+    release = threading.Event()
+
+    def plan(args: dict) -> dict:
+        release.wait(10)
+        return plan_for(args.get("changes"))
+
+    b = EventBus(BusConfig(run="demo-explicit-reinit", pub="tcp://127.0.0.1:0", ctl="tcp://127.0.0.1:0", heartbeat_s=0.2))
+    b.register("plan", plan, ("phase", "changes", "transition_epochs"), slow=True)
+    b.start()
+    try:
+        publish(b, EVENTS[:50])
+        await until(lambda: b.seq >= 50)
+        async with following(LiveSource(Target(ctl=b.endpoints[1]), heartbeat_timeout=2.0)) as source:
+            await until(lambda: source.state.planning)
+            await asyncio.sleep(0.3)
+            assert source.state.planning and source.state.plan is None  # still waiting, heartbeats and all
+            release.set()
+            await until(lambda: source.state.plan is not None)
+            assert not source.state.planning
+    finally:
+        release.set()
+        b.close()
