@@ -96,9 +96,15 @@ def fmt_tick(value: float, kind: str) -> str:
     return f"{value:.3g}"
 
 
+# linear charts draw values beyond ±LINEAR_LIMIT at it: the span between two float64 extremes (±1.7e308) overflows
+# to infinity, and the pixel scale with it
+LINEAR_LIMIT = 1e300
+
+
 def _transform(ys: Sequence[float], log_y: bool) -> list[float]:
     if not log_y:
-        return [y if y is not None and math.isfinite(y) else math.nan for y in ys]
+        return [min(max(y, -LINEAR_LIMIT), LINEAR_LIMIT) if y is not None and math.isfinite(y) else math.nan
+                for y in ys]
     return [math.log10(y) if y is not None and math.isfinite(y) and y > 0 else math.nan for y in ys]
 
 

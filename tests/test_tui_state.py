@@ -274,6 +274,17 @@ def test_chart_rendering_shapes_markers_and_log_axis() -> None:
     assert any("no data yet" in "".join(t for t, _ in row) for row in empty)
 
 
+def test_float64_extremes_are_drawn_at_the_chart_edges() -> None:
+    """A metric logged as float64 can be as large as 1.7e308: the span between two such values is infinite, which
+    made the pixel scale NaN and the chart raise. Values past ±1e300 are drawn at it."""
+    for ys in ([-1.7e308, 1.7e308, 0.0], [1e308, 1.7e308, -1e308]):
+        rows = render_chart(ChartSpec([Trace("m", [0, 1, 2], ys)]), 40, 10)
+        text = ["".join(t for t, _ in row) for row in rows]
+        top, bottom = text[1].split("┤"), text[-2].split("┤")  # text[0] holds the phase markers, [-1] the x axis
+        assert float(top[0]) > 5e299 and float(bottom[0]) < -5e299
+        assert top[1].strip() and bottom[1].strip()  # dots on the top and the bottom rows
+
+
 def test_chart_x_max_cuts_the_traces_and_ends_the_axis_there() -> None:
     near = Trace("now", [0, 10, 20], [1.0, 2.0, 3.0])
     far = Trace("plan", [0, 50, 100, 150], [1.0, 100.0, 200.0, 300.0], dotted=True)
