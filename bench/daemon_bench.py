@@ -22,6 +22,7 @@
     python bench/daemon_bench.py --skip events,bus,pairs   # 1b. only (about 5 minutes)
     python bench/daemon_bench.py --skip events,bus,pairs --no-subscriber   # 1b. without the subscriber process
     python bench/daemon_bench.py --skip events,bus,pairs --no-subscriber --hooks-only   # 1b. the tap's hooks alone
+    python bench/daemon_bench.py --skip events,bus,pairs --subscriber-idle   # 1b. the subscriber under SCHED_IDLE
     python bench/daemon_bench.py --quick      # fewer pairs and rates
     python bench/daemon_bench.py --sizes large --threads 1   # torch on one core, the daemon's threads on the other
     python bench/daemon_bench.py --json out.json
@@ -76,6 +77,8 @@ COMMON = ["--model.init_args.step_delay=0", "--trainer.enable_progress_bar=false
 
 def subscriber(pub: str, expect: int | None, idle: float) -> None:
     """Count events (decoding each, as a client must), check seq continuity, print a JSON summary."""
+    if os.environ.get("FTS_BENCH_SUBSCRIBER_IDLE") == "1":  # --subscriber-idle; before ZeroMQ starts its thread
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.RCVHWM, 0)
@@ -541,6 +544,9 @@ def main() -> int:
                         help="1b. windows this many times longer (and their untimed start too)")
     parser.add_argument("--no-subscriber", action="store_true",
                         help="1b. without the subscriber process (what the daemon's own threads cost)")
+    parser.add_argument("--subscriber-idle", action="store_true",
+                        help="1b. the subscriber process under SCHED_IDLE (Linux): it runs when a core would otherwise "
+                        "idle, and any woken training thread preempts it")
     parser.add_argument("--hooks-only", action="store_true",
                         help="1b. with lr and metric events dropped as EventBus.publish receives them: what the tap's "
                         "hooks cost the training thread by themselves (use with --no-subscriber)")
@@ -567,6 +573,8 @@ def main() -> int:
         DAEMON_OPTIONS["batch_ms"] = args.batch_ms
     if args.hooks_only:
         drop_lossy_events()
+    if args.subscriber_idle:
+        os.environ["FTS_BENCH_SUBSCRIBER_IDLE"] = "1"  # the subscriber processes inherit it
     pairs = args.pairs or (3 if args.quick else 8)
     results: dict[str, Any] = {}
 
@@ -604,6 +612,8 @@ def main() -> int:
                   f"the run's time; subscriber lost {r['subscriber_lost']} events")
     if args.windows:
         how = "no subscriber" if args.no_subscriber else "the subscriber live throughout"
+        if args.subscriber_idle and not args.no_subscriber:
+            how += ", under SCHED_IDLE"
         if args.hooks_only:
             how += "; lr and metric events dropped as publish receives them: the tap's hooks alone"
         print(f"1b. the event stream's per-step cost within one daemon run: windows with the stream on vs off ({how})",
