@@ -29,7 +29,7 @@ from textual.widget import Widget
 from textual.widgets import Footer
 from textual.worker import Worker, WorkerState
 
-from fts_tui.pacing import FramePacer, host_busy
+from fts_tui.pacing import FramePacer, HostLoad
 from fts_tui.screens import EditsScreen, HelpScreen, MetricPicker, PhaseScreen
 from fts_tui.source import Source
 from fts_tui.state import EDITS, LOG, LR, METRICS, PLAN, SCHEDULE, EditInfo, RunState
@@ -68,14 +68,14 @@ class FtsApp(App[None]):
         clock: Callable[[], float] = time.monotonic,
         redraw_hz: float = DEFAULT_REDRAW_HZ,
         cpu_budget: float | None = None,
-        busy: Callable[[], bool] = host_busy,
+        busy: Callable[[], bool] | None = None,
     ) -> None:
-        """``cpu_budget``: the share of one core to stay under while ``busy()`` (``fts-tui`` passes 3%); None draws
-        at ``redraw_hz`` whatever the host's load."""
+        """``cpu_budget``: the share of one core to stay under while ``busy()`` (default: a :class:`HostLoad` of this
+        host; ``fts-tui`` passes 3%); None draws at ``redraw_hz`` whatever the host's load."""
         super().__init__()
         self.source = source
         self.clock = clock
-        self.pacer = FramePacer(1.0 / redraw_hz, cpu_budget, busy=busy)
+        self.pacer = FramePacer(1.0 / redraw_hz, cpu_budget, busy=busy or HostLoad())
         self.log_y = True
         self.show_plan = True
         self.overlay = False

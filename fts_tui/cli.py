@@ -33,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--redraw-hz", type=float, default=None,
                        help="the most screen updates per second (default 20; bursts of events are drawn as they come)")
     attach.add_argument("--cpu-budget", type=float, default=100 * DEFAULT_CPU_BUDGET, metavar="PERCENT",
-                        help="while every core is busy (1-minute load average >= 90%% of the cores), draw only as often "
+                        help="while every core is busy (idle under 10%% of the time; where that cannot be read, a "
+                        "1-minute load average >= 90%% of the cores), draw only as often "
                         "as keeps fts-tui under this share of one core, down to one frame a second (default "
                         f"{100 * DEFAULT_CPU_BUDGET:g}; 0: always draw at --redraw-hz)")
     return parser

@@ -18,12 +18,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["DEFAULT_CPU_BUDGET", "MAX_FRAME_INTERVAL_S", "FramePacer", "host_busy"]
+__all__ = ["DEFAULT_CPU_BUDGET", "MAX_FRAME_INTERVAL_S", "FramePacer", "HostLoad", "host_busy"]
 
 DEFAULT_CPU_BUDGET = 0.03  # share of one core `fts-tui` aims to stay under while the host is busy
 MAX_FRAME_INTERVAL_S = 1.0  # however busy the host, the charts move at least once a second
 BUSY_LOAD_SHARE = 0.9  # busy: the 1-minute load average is at least this share of the core count
-BUSY_RECHECK_S = 5.0  # the load average moves over a minute: no need to read it every frame
+BUSY_IDLE_SHARE = 0.1  # busy: the cores were idle less than this share of the time since the last probe
+BUSY_RECHECK_S = 5.0  # how often the pacer asks whether the host is busy
 
 
 def host_busy() -> bool:
@@ -36,11 +37,50 @@ def host_busy() -> bool:
     return load >= BUSY_LOAD_SHARE * cores
 
 
+def read_proc_stat(path: str = "/proc/stat") -> tuple[int, int] | None:
+    """(idle, total) CPU time of all cores in jiffies since boot (Linux), or None where there is no such file."""
+    try:
+        with open(path, encoding="ascii") as fh:
+            fields = fh.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 6:
+        return None
+    # user nice system idle iowait irq softirq steal (guest time is already in user)
+    ticks = [int(v) for v in fields[1:9]]
+    return ticks[3] + ticks[4], sum(ticks)
+
+
+class HostLoad:
+    """Whether the host's cores are all busy, asked every few seconds.
+
+    On Linux, from the share of CPU time the cores spent idle since the last question (``/proc/stat``): training
+    that keeps every core busy shows at once (idle ~0% on 2 vCPUs with torch on both, ~100% once it stops), where
+    the 1-minute load average took over a minute to reach its threshold. The first question, and every question
+    where ``/proc/stat`` cannot be read, is answered from the load average.
+    """
+
+    def __init__(self, read_stat: Callable[[], tuple[int, int] | None] = read_proc_stat,
+                 fallback: Callable[[], bool] = host_busy) -> None:
+        self.read_stat = read_stat
+        self.fallback = fallback
+        self._last: tuple[int, int] | None = None
+
+    def __call__(self) -> bool:
+        sample = self.read_stat()
+        last, self._last = self._last, sample
+        if sample is None or last is None or sample[1] <= last[1]:
+            return self.fallback()
+        idle, total = sample[0] - last[0], sample[1] - last[1]
+        return idle < BUSY_IDLE_SHARE * total
+
+
 @dataclass
 class FramePacer:
     """The shortest time between two frames.
 
-    ``budget`` is a share of one core (0.03: 3%), or None for no budget. While ``busy()`` says so, the interval is
+    ``budget`` is a share of one core (0.03: 3%), or None for no budget. While ``busy()`` says so (asked every
+    ``BUSY_RECHECK_S``; the app passes a :class:`HostLoad`), the interval is
     what a frame costs divided by the budget, between ``min_interval`` and ``max_interval``. What a frame costs is
     the process's CPU time from one frame to the next (smoothed): drawing, compositing, but also receiving events
     and idling, so the estimate errs on the side of fewer frames. With a cost of ``f + x * T`` for frames ``T``

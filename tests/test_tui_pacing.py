@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
 from fts_tui import pacing
-from fts_tui.pacing import FramePacer
+from fts_tui.pacing import FramePacer, HostLoad
 
 
 class Host:
@@ -95,3 +96,33 @@ def test_host_busy_is_false_where_the_load_average_cannot_be_read(monkeypatch: p
 
     monkeypatch.setattr(os, "getloadavg", unavailable)
     assert pacing.host_busy() is False
+
+
+def test_host_load_reads_the_idle_share_since_the_last_question() -> None:
+    samples: list[tuple[int, int] | None] = [(1000, 10_000), (1005, 11_000), (1905, 12_000), None, (2000, 13_000),
+                                             (2010, 14_000)]
+    fallback_calls: list[int] = []
+
+    def fallback() -> bool:
+        fallback_calls.append(1)
+        return False
+
+    load = HostLoad(read_stat=lambda: samples.pop(0), fallback=fallback)
+    assert load() is False and len(fallback_calls) == 1  # nothing to compare with yet: the load average
+    assert load() is True  # idle 5 of 1000 ticks
+    assert load() is False  # idle 900 of 1000
+    assert load() is False and len(fallback_calls) == 2  # /proc/stat unreadable this time
+    assert load() is False and len(fallback_calls) == 3  # and no sample to compare with after it
+    assert load() is True  # idle 10 of 1000
+
+
+def test_read_proc_stat_sums_the_cpu_line(tmp_path: Path) -> None:
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 5 50 800 20 1 2 3 7 0\ncpu0 50 2 25 400 10 0 1 1 3 0\n", encoding="ascii")
+    assert pacing.read_proc_stat(str(stat)) == (820, 981)  # idle + iowait, user..steal (guest is within user)
+    stat.write_text("intr 1 2 3\n", encoding="ascii")
+    assert pacing.read_proc_stat(str(stat)) is None
+    assert pacing.read_proc_stat(str(tmp_path / "missing")) is None
+    if Path("/proc/stat").exists():  # this host's own
+        idle, total = pacing.read_proc_stat()  # type: ignore[misc]
+        assert 0 <= idle <= total
