@@ -3,12 +3,13 @@ only as often as keeps the cockpit's own CPU under a budget.
 
 Why: on a machine where training keeps every core busy (CPU fine-tuning, torch using one thread per core), every
 millisecond the cockpit computes is taken from training, and more than that, since torch's threads wait for each
-other at the end of every parallel op. Measured on 2 vCPUs (the demo model at full speed, ~560 steps/s): the
-cockpit drawing ~10 frames a second took ~9% of a core and training slowed by ~15%. A frame costs about the same
+other at the end of every parallel op. Measured on 2 vCPUs (the demo model at full speed, 320–640 steps/s):
+the cockpit drawing ~10 frames a second took ~9% of a core and training slowed by 12–19%. A frame costs about the same
 whatever it shows, so drawing less often is what saves CPU; where cores are free (a GPU run, a workstation) nothing
 is gained by it and the cockpit draws at its full rate.
 
-Pure logic, with the clocks and the load probe passed in: tested without a screen.
+:class:`FramePacer` is pure logic, its clocks and load probe passed in, tested without a screen; :class:`HostLoad`,
+the probe the app uses, reads ``/proc/stat`` or the load average.
 """
 
 from __future__ import annotations
@@ -47,7 +48,10 @@ def read_proc_stat(path: str = "/proc/stat") -> tuple[int, int] | None:
     if not fields or fields[0] != "cpu" or len(fields) < 6:
         return None
     # user nice system idle iowait irq softirq steal (guest time is already in user)
-    ticks = [int(v) for v in fields[1:9]]
+    try:
+        ticks = [int(v) for v in fields[1:9]]
+    except ValueError:
+        return None
     return ticks[3] + ticks[4], sum(ticks)
 
 

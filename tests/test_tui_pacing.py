@@ -122,6 +122,8 @@ def test_read_proc_stat_sums_the_cpu_line(tmp_path: Path) -> None:
     assert pacing.read_proc_stat(str(stat)) == (820, 981)  # idle + iowait, user..steal (guest is within user)
     stat.write_text("intr 1 2 3\n", encoding="ascii")
     assert pacing.read_proc_stat(str(stat)) is None
+    stat.write_text("cpu  100 5 x 800 20\n", encoding="ascii")
+    assert pacing.read_proc_stat(str(stat)) is None
     assert pacing.read_proc_stat(str(tmp_path / "missing")) is None
     if Path("/proc/stat").exists():  # this host's own
         idle, total = pacing.read_proc_stat()  # type: ignore[misc]
