@@ -32,7 +32,7 @@ from textual.worker import Worker, WorkerState
 from fts_tui.pacing import FramePacer, HostLoad
 from fts_tui.screens import EditsScreen, HelpScreen, MetricPicker, PhaseScreen
 from fts_tui.source import Source
-from fts_tui.state import EDITS, LOG, LR, METRICS, PLAN, SCHEDULE, EditInfo, RunState
+from fts_tui.state import EDITS, LOG, LR, METRICS, PLAN, PLANNING, SCHEDULE, EditInfo, RunState
 from fts_tui.views import default_metrics, header_lines, lr_chart, metric_chart
 from fts_tui.widgets import Chart, EventLog, RunHeader, ScheduleTable
 from fts_tui.widgets.edit_form import EditForm
@@ -131,10 +131,11 @@ class FtsApp(App[None]):
         plan = self.state.plan
         if not self.show_plan:
             lr_subtitle = "plan hidden (t)"
-        elif plan is not None and plan.horizon_epochs is not None:
-            lr_subtitle = f"┈ planned to epoch {plan.horizon_epochs} (t)"  # a long run's plan stops at a horizon
         elif plan is not None:
-            lr_subtitle = "┈ planned (t)"
+            # a long run's plan stops at a horizon; after an edit the dotted curves are the old plan's until the
+            # new one is in (tens of seconds for a long run)
+            lr_subtitle = "┈ planned" + (f" to epoch {plan.horizon_epochs}" if plan.horizon_epochs is not None else "")
+            lr_subtitle += " · re-planning…" if self.state.planning else " (t)"
         elif self.state.planning:
             lr_subtitle = "┈ planning…"  # the daemon simulates up to 500,000 steps: tens of seconds
         else:
@@ -207,7 +208,7 @@ class FtsApp(App[None]):
                 self.metric_chart.set_chart(*metric_chart(state, self.chosen_metrics(), self.overlay))
             if LOG in changed:
                 self.event_log.update_from(state)
-            if changed & {PLAN, METRICS}:
+            if changed & {PLAN, PLANNING, METRICS}:
                 self._titles()
             for screen in self.screen_stack[1:]:
                 update = getattr(screen, "update_from", None)

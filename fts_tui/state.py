@@ -27,7 +27,8 @@ from fts_tui.series import Series
 
 # Parts of the display a change can touch (the app redraws only those).
 HEADER, SCHEDULE, LR, METRICS, LOG, EDITS, PLAN = "header", "schedule", "lr", "metrics", "log", "edits", "plan"
-ALL_PARTS = frozenset({HEADER, SCHEDULE, LR, METRICS, LOG, EDITS, PLAN})
+PLANNING = "planning"  # a plan request began or ended: only the LR chart's subtitle says so
+ALL_PARTS = frozenset({HEADER, SCHEDULE, LR, METRICS, LOG, EDITS, PLAN, PLANNING})
 
 FINAL_STATES = ("finished", "failed")
 # Top-level keys of a snapshot reply that are not the daemon's static info.
@@ -569,7 +570,7 @@ class RunState:
     def set_planning(self, planning: bool) -> None:
         if planning != self.planning:
             self.planning = planning
-            self.mark(PLAN)
+            self.mark(PLANNING)
 
     # ------------------------------------------------------------------------------------------------ derived
 

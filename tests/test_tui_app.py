@@ -135,6 +135,11 @@ async def test_view_keys_log_plan_overlay_metrics_zoom() -> None:
         app.redraw()
         await pilot.pause()
         assert str(lr.border_subtitle) == "┈ planned to epoch 9 (t)"
+        app.state.set_planning(True)  # asked again after an edit: the curves shown are the old plan's meanwhile
+        app.redraw()
+        await pilot.pause()
+        assert str(lr.border_subtitle) == "┈ planned to epoch 9 · re-planning…"
+        app.state.set_planning(False)
         app.state.set_plan(plan_for())
         await pilot.press("t")
         metrics = app.query_one("#metric-chart", Chart)

@@ -17,7 +17,7 @@ from fts_tui import plot
 from fts_tui.plot import ChartSpec, Marker, Trace, live_axis_end, render_chart
 from fts_tui.replay import read_events
 from fts_tui.series import Series
-from fts_tui.state import PLAN_CHART_POINTS, PlanData, RunState, summarize_params
+from fts_tui.state import LR, PLAN, PLAN_CHART_POINTS, PLANNING, SCHEDULE, PlanData, RunState, summarize_params
 from fts_tui.views import lr_chart, metric_chart
 from tests.data.make_recordings import build_run, plan_for
 from tests.test_tui_app import MID_RUN
@@ -172,6 +172,20 @@ def test_snapshot_alone_shows_the_run_so_far() -> None:
     kinds = [e.kind for e in s.log]
     assert kinds.count("transition") == 2 and "edit" in kinds and "log" in kinds
     assert s.editable(3) and not s.editable(2) and not s.editable(1)
+
+
+def test_a_plan_request_beginning_or_ending_redraws_only_what_says_so() -> None:
+    """The planning flag changes the LR chart's subtitle alone: the schedule table and LR chart are rebuilt for a
+    new plan, not for each request (a long run's plan is asked again after every schedule change)."""
+    state = RunState()
+    state.take_dirty()
+    state.set_planning(True)
+    assert state.planning and state.take_dirty() == {PLANNING}
+    state.set_planning(True)
+    assert state.take_dirty() == set()
+    state.set_plan(plan_for())
+    state.set_planning(False)
+    assert state.take_dirty() == {PLAN, LR, SCHEDULE, PLANNING}
 
 
 def test_refused_edit_is_logged_not_stored() -> None:
