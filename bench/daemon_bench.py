@@ -23,6 +23,7 @@
     python bench/daemon_bench.py --skip events,bus,pairs --no-subscriber   # 1b. without the subscriber process
     python bench/daemon_bench.py --skip events,bus,pairs --no-subscriber --hooks-only   # 1b. the tap's hooks alone
     python bench/daemon_bench.py --skip events,bus,pairs --subscriber-idle   # 1b. the subscriber under SCHED_IDLE
+    python bench/daemon_bench.py --skip events,bus --windows 0 --epochs 12   # 1. only, longer runs
     python bench/daemon_bench.py --quick      # fewer pairs and rates
     python bench/daemon_bench.py --sizes large --threads 1   # torch on one core, the daemon's threads on the other
     python bench/daemon_bench.py --json out.json
@@ -369,6 +370,7 @@ def training(pairs: int, sizes: list[str], epochs: int, checkpoint_every: int = 
             "plain_steps_per_s": statistics.median(plain),
             "daemon_steps_per_s": statistics.median(daemon),
             "ratio_median": statistics.median(ratios),
+            "ratio_interval": _median_interval(ratios),
             "ratio_best": max(daemon) / max(plain),
             # what the daemon adds to each step, in wall time
             "added_us_per_step": 1e6 / statistics.median(daemon) - 1e6 / statistics.median(plain),
@@ -537,6 +539,10 @@ def main() -> int:
                         help="the daemon's crash-safety checkpoint cadence (fts-daemon start --checkpoint-every; "
                         "default 1 as there); 0 measures the daemon without it: short runs hold 0-2 of its saves, "
                         "a long run spends at most --checkpoint-overhead (1%%) of its time on them")
+    parser.add_argument("--epochs", type=int,
+                        help="1. epochs timed per run, after the first two (default 4; 2 with --quick). The first "
+                        "crash-safety checkpoint is written in the background during epochs 1-2 (113 MB for the large "
+                        "model); more timed epochs weigh it as a longer run does")
     parser.add_argument("--windows", type=int, default=3, metavar="RUNS",
                         help="daemon runs for the same-run window measurement (1b.; 0 skips it)")
     parser.add_argument("--skip", default="", help="comma-separated sections to skip: events, bus, pairs")
@@ -601,12 +607,13 @@ def main() -> int:
         print("1. training steps/s: daemon with a live subscriber vs plain Lightning (target ratio >= 0.98); "
               f"torch intra-op threads {torch.get_num_threads()} on {os.cpu_count()} cores; crash-safety checkpoint "
               f"every {args.checkpoint_every} epoch(s) (0: none)", flush=True)
-        results["training"] = training(pairs, args.sizes.split(","), epochs=STEADY_FROM + (2 if args.quick else 4),
+        results["training"] = training(pairs, args.sizes.split(","), epochs=STEADY_FROM + (args.epochs or (2 if args.quick else 4)),
                                        checkpoint_every=args.checkpoint_every)
         for size, r in results["training"].items():
             extra = r["train_thread_cpu_us_per_step_daemon"] - r["train_thread_cpu_us_per_step_plain"]
             print(f"  {size:6} plain {r['plain_steps_per_s']:7.1f} steps/s  daemon {r['daemon_steps_per_s']:7.1f} steps/s  "
-                  f"ratio: median of pairs {r['ratio_median']:.3f}, best vs best {r['ratio_best']:.3f}; "
+                  f"ratio: median of pairs {r['ratio_median']:.3f} (95% interval {r['ratio_interval'][0]:.3f}-"
+                  f"{r['ratio_interval'][1]:.3f}), best vs best {r['ratio_best']:.3f}; "
                   f"+{r['added_us_per_step']:.0f} us per step; "
                   f"training thread +{extra:.0f} us/step CPU; I/O thread CPU {100 * r['io_thread_cpu_share']:.1f}% of "
                   f"the run's time; subscriber lost {r['subscriber_lost']} events")
