@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import re
 import signal
 import sys
+import sysconfig
 import threading
 import time
 import traceback
@@ -97,6 +99,31 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", ".*litlogger.*")
     # we pass args= on purpose (our own argv is fts-daemon's, not LightningCLI's)
     warnings.filterwarnings("ignore", ".*args parameter is intended to run from within Python.*")
+
+
+_DEPRECATIONS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+
+
+@functools.lru_cache(maxsize=1)
+def _installed_roots() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    return tuple(sorted({os.path.join(os.path.realpath(paths[k]), "") for k in ("purelib", "platlib")}))
+
+
+def warning_entry(category: type[Warning], message: Any, filename: str) -> dict[str, str]:
+    """The event-log entry for a Python warning raised during a run.
+
+    A deprecation notice whose code lies in an installed package (Lightning calling a torch API torch has
+    deprecated, say) is not the user's to act on: it is kept at info level, naming the package. Everything else,
+    deprecations in the user's own modules included, stays a warning."""
+    text = f"{category.__name__}: {message}"
+    if issubclass(category, _DEPRECATIONS) and filename:
+        path = os.path.realpath(filename)
+        for root in _installed_roots():
+            if path.startswith(root):
+                package = path[len(root):].split(os.sep, 1)[0].removesuffix(".py")
+                return {"level": "info", "message": f"{text} (inside {package})"}
+    return {"level": "warning", "message": text}
 
 
 def _check_config_yaml(path: str | os.PathLike[str]) -> None:
@@ -673,7 +700,7 @@ class Daemon:
         original_showwarning = warnings.showwarning
 
         def showwarning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-            self._publish(ev.LOG, {"level": "warning", "message": f"{category.__name__}: {message}"})
+            self._publish(ev.LOG, warning_entry(category, message, filename))
             original_showwarning(message, category, filename, lineno, file, line)
 
         warnings.showwarning = showwarning
@@ -776,6 +803,8 @@ class Daemon:
             self._print(f"fts-daemon: run {self.run_id}{self._rank_note()} failed: {self.error}")
             return 1
         trainer = built.trainer
+        # the final event names the last epoch that trained (a 14-epoch run ends in epoch 13, as its events say)
+        epoch = self.tap.last_epoch if self.tap is not None and self.tap.last_epoch is not None else trainer.current_epoch
         stopped = bool(self.tap is not None and self.tap.stopped)
         path = self.tap.checkpoint_path if stopped else None
         data = {
@@ -784,16 +813,17 @@ class Daemon:
             "reason": "stopped" if stopped else "completed",
             "checkpoint": str(path) if path else None,
             "phase": getattr(self.tap.fts, "curr_depth", None) if self.tap else None,
+            **(self.tap.train_span() if self.tap else {}),
         }
         if self.write_error is not None:  # stopped because the run dir could not be written
             self.error = self.write_error + (f"; stopped with a checkpoint: {path}" if path else
                                              "; stopped without a checkpoint")
             data.update(state="failed", error=self.error)
-            self._publish(ev.STATE, data, int(trainer.global_step), int(trainer.current_epoch))
+            self._publish(ev.STATE, data, int(trainer.global_step), int(epoch))
             self._print(f"fts-daemon: run {self.run_id}{self._rank_note()} failed: {self.error}"
                         + (f"; resume with: fts-daemon start --resume --run-dir {self.run_dir}" if path else ""))
             return 1
-        self._publish(ev.STATE, data, int(trainer.global_step), int(trainer.current_epoch))
+        self._publish(ev.STATE, data, int(trainer.global_step), int(epoch))
         how = f"stopped; resume with: fts-daemon start --resume --run-dir {self.run_dir}" if stopped else "finished"
         if self.rank == 0:
             self._print(f"fts-daemon: run {self.run_id} {how}")

@@ -15,6 +15,7 @@ rank must obey at the same step: the stop flag is reduced across ranks once per 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -200,6 +201,11 @@ class DaemonTap(Callback):
         # training steps this process began (the daemon reports a failure before the first one as a set-up problem
         # of the config, in one line)
         self.steps_started = 0
+        # (monotonic time, global step) when this start's training began and ended: the run's average rate
+        self.train_began: tuple[float, int] | None = None
+        self.train_ended: tuple[float, int] | None = None
+        # the epoch trained last: once an epoch completes, Lightning's current_epoch already counts the next one
+        self.last_epoch: int | None = None
         skip_unused_batch_hooks(self)  # Lightning need not call the per-step hooks this class does not use
 
     @property
@@ -265,6 +271,7 @@ class DaemonTap(Callback):
             self._on_train_start()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.train_began, self.train_ended = (time.monotonic(), int(trainer.global_step)), None
         if trainer.world_size > 1:
             self.vote.setup()
         if self._on_train_start is not None:
@@ -355,6 +362,9 @@ class DaemonTap(Callback):
         elif self.active and trainer.global_step % max(1, int(trainer.log_every_n_steps)) == 0:
             self._metrics_due = (int(trainer.global_step), int(trainer.current_epoch))
 
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.last_epoch = int(trainer.current_epoch)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._metrics_due = None  # this read covers it
         self._publish_metrics(trainer, "train")
@@ -375,7 +385,15 @@ class DaemonTap(Callback):
         return self.vote.step(wanted_here) if per_step else self.vote.now(wanted_here)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.train_ended = (time.monotonic(), int(trainer.global_step))
         self.vote.finish()
+
+    def train_span(self) -> dict[str, float | int]:
+        """``train_steps`` and ``train_seconds`` of this start's fit (none if it did not reach its end)."""
+        if self.train_began is None or self.train_ended is None:
+            return {}
+        (t0, s0), (t1, s1) = self.train_began, self.train_ended
+        return {"train_steps": s1 - s0, "train_seconds": round(t1 - t0, 3)}
 
     def _publish_metrics(self, trainer: pl.Trainer, stage: str) -> None:
         if not self.active:

@@ -40,7 +40,8 @@ session you can queue edits to phases that have not started; the daemon applies 
 
 In the edit form `ctrl+r` previews the planned LR curve with the edit, `ctrl+s` sends it, `esc` closes.
 
-**Header**: run, model, status, phase (current/last), epoch, step, steps/s; then the connection: *live*,
+**Header**: run, model, status, phase (current/last), epoch, step, steps/s (over the last 10 s; a finished
+run's average, marked *avg*); then the connection: *live*,
 *resyncing* (a gap in the event sequence or a restarted daemon: a fresh snapshot is on its way), *lost*
 (no heartbeat: it reconnects by itself when the daemon is back), *ended* (the run finished and its daemon exited),
 or *replay* (read-only).

@@ -311,6 +311,7 @@ class RunState:
         self.events_applied = 0
         self.last_event_ts: float | None = None
         self._rate: deque[tuple[float, int]] = deque(maxlen=64)
+        self.run_rate: float | None = None  # a finished run's average steps/s, from the daemon's final state
         self._dirty: set[str] = set(ALL_PARTS)
 
     def mark(self, *parts: str) -> None:
@@ -376,10 +377,16 @@ class RunState:
             self.error = str(data["error"])
         if data.get("reason") is not None:
             self.end_reason = str(data["reason"])
+        self._take_run_rate(data)
         if changed and new not in ("training", "transition"):
             level = "error" if new == "failed" else "info"
             text = f"run {new}" + (f": {self.error}" if new == "failed" and self.error else "")
             self.add_log(level, "state", text, ev.ts, ev.step)
+
+    def _take_run_rate(self, data: Mapping[str, Any]) -> None:
+        steps, seconds = data.get("train_steps"), data.get("train_seconds")
+        if isinstance(steps, int) and isinstance(seconds, (int, float)) and seconds > 0:
+            self.run_rate = steps / seconds
 
     def _on_heartbeat(self, ev: Event) -> None:
         if "state" in ev.data:
@@ -510,6 +517,7 @@ class RunState:
         self.status = str(snap.get("state") or state_data.get("state") or self.status)
         self.error = state_data.get("error")
         self.end_reason = None if state_data.get("reason") is None else str(state_data["reason"])
+        self._take_run_rate(state_data)
         self.epoch, self.step = snap.get("epoch"), snap.get("step")
         if snap.get("schedule"):
             self.load_schedule(snap["schedule"])
@@ -589,6 +597,9 @@ class RunState:
         return phase.state
 
     def steps_per_second(self) -> float | None:
+        """The last 10 s of steps while the run goes on; once it has finished, its average (when the daemon says)."""
+        if self.finished and self.run_rate is not None:
+            return self.run_rate
         if len(self._rate) < 2:
             return None
         (t0, s0), (t1, s1) = self._rate[0], self._rate[-1]

@@ -85,7 +85,9 @@ def header_lines(state: RunState, now: float, source: str, throttled: float | No
     first += [("  epoch ", "dim"), ("–" if state.epoch is None else str(state.epoch), "bold")]
     first += [("  step ", "dim"), ("–" if state.step is None else str(state.step), "bold")]
     rate = state.steps_per_second()
-    first += [("  ", ""), ("–" if rate is None else f"{rate:.1f}", "bold"), (" steps/s", "dim")]
+    average = state.finished and state.run_rate is not None
+    first += [("  ", ""), ("–" if rate is None else f"{rate:.1f}", "bold"),
+              (" steps/s avg" if average else " steps/s", "dim")]
     if state.status == "failed" and state.error:
         first += [("  ", ""), (state.error[:80], "#e57373")]
 

@@ -99,10 +99,31 @@ def test_cli_validate_plan_and_foreground_run(tmp_path: Path, monkeypatch: pytes
         assert run.returncode == 0, run.stderr
         assert "events  : tcp://127.0.0.1:" in run.stdout and "run fg finished" in run.stdout
         events = read_events(tmp_path / "runs" / "fg" / "events.jsonl")
-        assert max(e.epoch or 0 for e in events) == 3 and events[-1].data["reason"] == "completed"
+        assert max(e.epoch or 0 for e in events) == 2 == events[-1].epoch and events[-1].data["reason"] == "completed"
+        # the run's average rate is the TUI's steps/s once it has finished
+        assert events[-1].data["train_steps"] == events[-1].step > 0 and events[-1].data["train_seconds"] > 0
+        # torch 2.13 deprecates an API Lightning calls: not the user's to act on, so info rather than a warning
+        leaf = [e.data for e in events if e.kind == ev.LOG and "LeafSpec" in e.data["message"]]
+        assert leaf and all(d["level"] == "info" and "(inside pytorch_lightning)" in d["message"] for d in leaf)
         refused = fts("start", "--config", str(cfg), "--run", "open", "--pub", "tcp://0.0.0.0:0", "--ctl",
                       "tcp://127.0.0.1:0", cwd=tmp_path)
         assert refused.returncode == 2 and "without CURVE" in refused.stdout
+
+
+def test_library_deprecations_are_info_and_everything_else_a_warning(tmp_path: Path) -> None:
+    import pytorch_lightning
+
+    from fts_daemon.runner import warning_entry
+
+    inside = str(Path(pytorch_lightning.__file__).parent / "utilities" / "_pytree.py")
+    assert warning_entry(FutureWarning, "old API", inside) == {
+        "level": "info", "message": "FutureWarning: old API (inside pytorch_lightning)"}
+    assert warning_entry(DeprecationWarning, "x", inside)["level"] == "info"
+    # a library's other warnings, and deprecations the user's own code runs into, stay warnings
+    assert warning_entry(UserWarning, "check this", inside) == {"level": "warning", "message": "UserWarning: check this"}
+    mine = tmp_path / "my_module.py"
+    assert warning_entry(FutureWarning, "old API", str(mine))["level"] == "warning"
+    assert warning_entry(FutureWarning, "old API", "")["level"] == "warning"
 
 
 def test_edit_flags_become_typed_changes() -> None:

@@ -75,6 +75,8 @@ def test_stop_finishes_the_step_checkpoints_and_exits_cleanly(resumed: dict) -> 
     assert resumed["record_after_stop"].state == "finished"
     steps = [e.step for e in events if e.kind == ev.LR]
     assert steps == list(range(len(steps))) and 10 <= len(steps) < 16
+    # the steps this start took and how long its training lasted (each step sleeps step_delay=0.08 s)
+    assert final["train_steps"] == len(steps) and final["train_seconds"] >= 0.08 * len(steps)
 
 
 def test_resume_continues_with_the_queued_edits(resumed: dict) -> None:
@@ -94,6 +96,7 @@ def test_resume_continues_with_the_queued_edits(resumed: dict) -> None:
     lr_e = lr_by_step(resumed["e_events"])
     c_steps = {e.step for e in resumed["c_events"] if e.kind == ev.LR}
     assert lr_d and min(lr_d) == max(c_steps) + 1 and max(lr_d) == 23
+    assert d_events[-1].data["train_steps"] == len(lr_d)  # this start's steps, not the run's
     assert lr_d == {step: lr_e[step] for step in lr_d}
     lr_c = lr_by_step(resumed["c_events"])
     assert lr_c == {step: lr_e[step] for step in lr_c}

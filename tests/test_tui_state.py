@@ -18,7 +18,7 @@ from fts_tui.plot import ChartSpec, Marker, Trace, live_axis_end, render_chart
 from fts_tui.replay import read_events
 from fts_tui.series import Series
 from fts_tui.state import LR, PLAN, PLAN_CHART_POINTS, PLANNING, SCHEDULE, PlanData, RunState, summarize_params
-from fts_tui.views import lr_chart, metric_chart
+from fts_tui.views import header_lines, lr_chart, metric_chart
 from tests.data.make_recordings import build_run, plan_for
 from tests.test_tui_app import MID_RUN
 
@@ -172,6 +172,28 @@ def test_snapshot_alone_shows_the_run_so_far() -> None:
     kinds = [e.kind for e in s.log]
     assert kinds.count("transition") == 2 and "edit" in kinds and "log" in kinds
     assert s.editable(3) and not s.editable(2) and not s.editable(1)
+
+
+def test_a_finished_run_shows_its_average_rate_live_from_a_snapshot_and_in_the_header() -> None:
+    import dataclasses
+
+    events = build_run()
+    finished = dataclasses.replace(events[-1], data={**events[-1].data, "train_steps": 560, "train_seconds": 40.0})
+    live = RunState()
+    live.load_events(events[:-1])
+    window = live.steps_per_second()
+    assert window is not None and window > 15  # still training: the last 10 s of steps
+    live.apply(finished)
+    assert live.steps_per_second() == pytest.approx(14.0)
+    late = RunState()
+    late.apply_snapshot(daemon_snapshot([*events[:-1], finished]))
+    assert late.steps_per_second() == pytest.approx(14.0)
+    text = "".join(cell for cell, _ in header_lines(late, now=finished.ts, source="live")[0])
+    assert "14.0 steps/s avg" in text
+    # a recording from before the daemon said how long training took keeps the window's rate, unlabelled
+    old = replayed()
+    assert old.run_rate is None and " steps/s avg" not in "".join(
+        cell for cell, _ in header_lines(old, now=finished.ts, source="replay")[0])
 
 
 def test_a_plan_request_beginning_or_ending_redraws_only_what_says_so() -> None:
