@@ -40,6 +40,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.plugins import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 
@@ -84,8 +85,24 @@ def save_atomically(trainer: pl.Trainer, path: Path) -> None:
 
 
 def write_atomically(checkpoint: dict[str, Any], path: Path, checkpoint_io: Any) -> None:
-    """Write a checkpoint dict with ``checkpoint_io`` such that ``path`` is always complete (or absent)."""
-    _replace_atomically(path, lambda tmp: checkpoint_io.save_checkpoint(checkpoint, tmp))
+    """Write a checkpoint dict with ``checkpoint_io`` such that ``path`` is always complete (or absent).
+
+    Lightning's default ``TorchCheckpointIO`` serializes the whole checkpoint into memory before copying it to the
+    file (its way of never leaving a torn file, which the rename here already gives); for that IO the checkpoint is
+    streamed to the file instead: the same bytes (tested) for a third to a quarter of the CPU (113 MB: ~0.11 s against
+    0.37-0.47 s), which the background writer otherwise takes from training. Any other IO (a subclass, remote
+    storage, a user's own) writes as it always does."""
+    if type(checkpoint_io) is TorchCheckpointIO:
+        _replace_atomically(path, lambda tmp: _stream_to_file(checkpoint, tmp))
+    else:
+        _replace_atomically(path, lambda tmp: checkpoint_io.save_checkpoint(checkpoint, tmp))
+
+
+def _stream_to_file(checkpoint: dict[str, Any], tmp: Path) -> None:
+    # a file object, not a path: torch names the archive inside after a path's stem, and "archive" after a buffer,
+    # as TorchCheckpointIO's in-memory save has it
+    with open(tmp, "wb") as f:
+        torch.save(checkpoint, f)
 
 
 def _copy_to_cpu(checkpoint: dict[str, Any]) -> dict[str, Any]:

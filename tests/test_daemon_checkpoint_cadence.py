@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,8 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins import TorchCheckpointIO
 
-from fts_daemon.crashsafe import LAST_CHECKPOINT, EpochCheckpoint, due
+from fts_daemon.compat import dump_checkpoint
+from fts_daemon.crashsafe import LAST_CHECKPOINT, EpochCheckpoint, due, write_atomically
 from fts_daemon.examples.tiny import TinyClassifier, TinyDataModule
 from fts_daemon.runner import newest_checkpoint
 from fts_daemon.tap import DaemonTap
@@ -168,6 +170,34 @@ def test_background_write_failure_without_a_handler_fails_the_fit(tmp_path: Path
                          limit_val_batches=1, default_root_dir=tmp_path)
     with pytest.raises(OSError, match="cannot write checkpoint"):
         trainer.fit(TinyClassifier(), datamodule=TinyDataModule(num_train=64, num_val=32))
+
+
+class _DumpAtEnd(pl.Callback):
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.checkpoint = dump_checkpoint(trainer)
+
+
+def test_the_default_io_is_streamed_to_disk_as_the_same_bytes(tmp_path: Path) -> None:
+    """With Lightning's own TorchCheckpointIO the writer streams the checkpoint to the file: byte for byte what that
+    IO writes, without first holding the serialized checkpoint in memory as it does."""
+    dump = _DumpAtEnd()
+    trainer = pl.Trainer(max_epochs=2, callbacks=[dump], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_train_batches=2,
+                         limit_val_batches=1, default_root_dir=tmp_path)
+    trainer.fit(TinyClassifier(), datamodule=TinyDataModule(num_train=64, num_val=32))
+    assert type(trainer.strategy.checkpoint_io) is TorchCheckpointIO  # what a daemon's run writes with
+    checkpoint = {**dump.checkpoint, "extra": torch.arange(2_000_000, dtype=torch.float32)}  # 8 MB of tensor data
+    peaks = {}
+    for name, write in [("ours", lambda p: write_atomically(checkpoint, p, TorchCheckpointIO())),
+                        ("lightning", lambda p: TorchCheckpointIO().save_checkpoint(checkpoint, p))]:
+        tracemalloc.start()  # the serialized bytes held by Python objects (a BytesIO), not the tensors themselves
+        write(tmp_path / name / "last.ckpt")
+        peaks[name] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert (tmp_path / "ours" / "last.ckpt").read_bytes() == (tmp_path / "lightning" / "last.ckpt").read_bytes()
+    assert peaks["lightning"] > 8e6 > 20 * peaks["ours"], peaks
+    loaded = torch.load(tmp_path / "ours" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert loaded["global_step"] == 4 and torch.equal(loaded["extra"], checkpoint["extra"])
 
 
 class _SlowIO(TorchCheckpointIO):
