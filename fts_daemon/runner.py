@@ -284,7 +284,8 @@ class _BusLogHandler(logging.Handler):
     """Forwards log records to the bus as ``log`` events (never raises, never blocks)."""
 
     LEVELS = {"WARNING": "warning", "ERROR": "error", "CRITICAL": "error"}
-    NOISE = ("litlogger",)  # advertising, not information about the run
+    # advertising, not information about the run: Lightning's "💡 Tip:" lines recommend its cloud products
+    NOISE = ("💡 Tip:", "litlogger", "litmodels")
 
     def __init__(self, publish: Callable[..., Any]):
         super().__init__(logging.INFO)

@@ -126,6 +126,30 @@ def test_library_deprecations_are_info_and_everything_else_a_warning(tmp_path: P
     assert warning_entry(FutureWarning, "old API", "")["level"] == "warning"
 
 
+def test_lightnings_product_tips_stay_out_of_the_event_log() -> None:
+    import logging
+
+    from fts_daemon.runner import _BusLogHandler
+
+    published: list[dict] = []
+    handler = _BusLogHandler(lambda kind, data: published.append(data))
+    logger = logging.getLogger("pytorch_lightning.fts_test")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        # the two tips Lightning 2.6 prints (a default ModelCheckpoint, no LitLogger), then a line that is news
+        logger.info("💡 Tip: For seamless cloud uploads and versioning, try installing [litmodels](https://pypi.org/"
+                    "project/litmodels/) to enable LitModelCheckpoint, which syncs automatically with the Lightning"
+                    " model registry.")
+        logger.info("💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger](...)")
+        logger.info("GPU available: False, used: False")
+        logger.warning("something to look at")
+    finally:
+        logger.removeHandler(handler)
+    assert published == [{"level": "info", "message": "GPU available: False, used: False"},
+                         {"level": "warning", "message": "something to look at"}]
+
+
 def test_edit_flags_become_typed_changes() -> None:
     """Numbers on the command line arrive as numbers (YAML 1.1 alone reads ``1e-4`` as a string)."""
     from fts_daemon.cli import _changes_from_args, build_parser
