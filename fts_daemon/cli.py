@@ -20,7 +20,7 @@ from typing import Any
 
 from fts_daemon import registry
 from fts_daemon.client import Control, ControlError
-from fts_daemon.history import last_position
+from fts_daemon.history import final_state, last_position
 
 # LightningCLI arguments passed through to the config (``--trainer.max_epochs=3``, ``--model.init_args.x=1``)
 PASSTHROUGH_PREFIXES = ("--trainer.", "--model.", "--data.", "--seed_everything", "--optimizer", "--lr_scheduler")
@@ -249,6 +249,12 @@ def _status(record: registry.RunRecord) -> dict[str, Any]:
         "config": record.config,
         "alive": record.alive,
         "reachable": False,
+        # how a run that has ended ended (from its recording): None while it runs, or where nothing says
+        "reason": None,
+        "checkpoint": None,
+        "error": None,
+        "train_steps": None,
+        "train_seconds": None,
     }
     if record.alive and not record.curve_server_key:
         try:
@@ -261,7 +267,33 @@ def _status(record: registry.RunRecord) -> dict[str, Any]:
         # a run that has exited (or does not answer): where its recording ends
         with contextlib.suppress(OSError):
             out["step"], out["epoch"] = last_position(record.run_dir)
+            end = final_state(record.run_dir) or {}
+            out.update({k: end.get(k) for k in ("reason", "checkpoint", "error", "train_steps", "train_seconds")})
     return out
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s"
+    return f"{minutes // 60} h {minutes % 60} min"
+
+
+def _end_lines(info: dict[str, Any]) -> list[str]:
+    """What a finished or failed run's recording says about its end, for ``status``."""
+    lines = []
+    if info["error"]:
+        lines.append(f"  error   : {info['error']}")
+    if info["reason"] == "stopped" and info["checkpoint"]:
+        lines.append(f"  stopped : {info['checkpoint']}")
+        lines.append(f"  resume  : fts-daemon start --resume --run-dir {info['run_dir']}")
+    steps, seconds = info["train_steps"], info["train_seconds"]
+    if isinstance(steps, int) and isinstance(seconds, (int, float)) and seconds > 0:
+        lines.append(f"  trained : {steps} steps in {_duration(seconds)} ({steps / seconds:.1f} steps/s)"
+                     + (f", {info['reason']}" if info["reason"] else ""))
+    return lines
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -272,6 +304,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"run {info['run']}: {info['state']} (phase {info['phase']}, epoch {info['epoch']}, step {info['step']})")
     print(f"  pid {info['pid']}{'' if info['alive'] else ' (not running)'}, daemon {info['daemon']}")
     print(f"  run dir : {info['run_dir']}\n  events  : {info['pub']}\n  control : {info['ctl']}")
+    for line in _end_lines(info):
+        print(line)
     return 0
 
 

@@ -98,9 +98,8 @@ def iter_events(path: Path, report: ReadReport) -> Iterator[ev.Event]:
         yield event
 
 
-def last_position(target: str | Path, tail_bytes: int = 256 * 1024) -> tuple[int | None, int | None]:
-    """The ``(step, epoch)`` of the last event in a recording that has them (None where none in its last
-    ``tail_bytes`` does): where a run that is no longer running stopped, without reading all of a long file."""
+def _tail_records(target: str | Path, tail_bytes: int) -> Iterator[dict[str, Any]]:
+    """The JSON objects in a recording's last ``tail_bytes``, newest first (torn or blank lines skipped)."""
     path = events_path(target)
     with path.open("rb") as fh:
         size = fh.seek(0, 2)
@@ -109,14 +108,20 @@ def last_position(target: str | Path, tail_bytes: int = 256 * 1024) -> tuple[int
     lines = data.split(b"\n")
     if size > tail_bytes:
         lines = lines[1:]  # starts mid-line
-    step = epoch = None
     for raw in reversed(lines):
         try:
             obj = json.loads(raw)
         except ValueError:  # blank, or a torn last line
             continue
-        if not isinstance(obj, dict):
-            continue
+        if isinstance(obj, dict):
+            yield obj
+
+
+def last_position(target: str | Path, tail_bytes: int = 256 * 1024) -> tuple[int | None, int | None]:
+    """The ``(step, epoch)`` of the last event in a recording that has them (None where none in its last
+    ``tail_bytes`` does): where a run that is no longer running stopped, without reading all of a long file."""
+    step = epoch = None
+    for obj in _tail_records(target, tail_bytes):
         if step is None and type(obj.get("step")) is int:
             step = obj["step"]
         if epoch is None and type(obj.get("epoch")) is int:
@@ -124,6 +129,18 @@ def last_position(target: str | Path, tail_bytes: int = 256 * 1024) -> tuple[int
         if step is not None and epoch is not None:
             break
     return step, epoch
+
+
+def final_state(target: str | Path, tail_bytes: int = 256 * 1024) -> dict[str, Any] | None:
+    """The data of a recording's last ``state`` event when it ended the run (``finished`` or ``failed``: reason,
+    checkpoint, error, train_steps, train_seconds), else None (still going, killed, or nothing in the tail)."""
+    for obj in _tail_records(target, tail_bytes):
+        if obj.get("kind") == ev.STATE:
+            data = obj.get("data")
+            if isinstance(data, dict) and data.get("state") in ("finished", "failed"):
+                return data
+            return None
+    return None
 
 
 def read_events(target: str | Path) -> tuple[list[ev.Event], ReadReport]:

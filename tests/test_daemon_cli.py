@@ -76,6 +76,12 @@ def test_cli_lifecycle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         last_step = [e.step for e in recorded if e.step is not None][-1]
         last_epoch = [e.epoch for e in recorded if e.epoch is not None][-1]
         assert not done["reachable"] and (done["step"], done["epoch"]) == (last_step, last_epoch), done
+        # and how it ended: stopped with a checkpoint to resume from, after this start's steps
+        assert done["reason"] == "stopped" and done["checkpoint"] == events[-1].data["checkpoint"], done
+        assert done["train_steps"] == events[-1].data["train_steps"] > 0 and done["error"] is None
+        text = fts("status", "cli1", cwd=tmp_path).stdout
+        assert f"  resume  : fts-daemon start --resume --run-dir {run_dir}" in text
+        assert f"  trained : {done['train_steps']} steps in " in text and "steps/s), stopped" in text
 
 
 def test_cli_validate_plan_and_foreground_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,7 +18,7 @@ from fts_daemon import events as ev
 from fts_daemon import registry
 from fts_daemon.bus import BusConfig, EventBus
 from fts_daemon.client import Control, Follower
-from fts_daemon.history import RunHistory, last_position
+from fts_daemon.history import RunHistory, final_state, last_position
 from fts_daemon.runner import resolve_schedule_path
 from fts_tui.state import RunState
 from fts_tui.views import header_lines
@@ -61,6 +61,27 @@ def test_last_position_reads_where_a_recording_ends(tmp_path: Path) -> None:
     assert last_position(tmp_path / "empty") == (None, None)
     with pytest.raises(FileNotFoundError):
         last_position(tmp_path / "nowhere")
+
+
+def test_final_state_is_the_last_state_event_when_it_ended_the_run(tmp_path: Path) -> None:
+    def line(seq: int, kind: str, data: dict) -> str:
+        return ev.event_to_json_line(ev.Event(kind, seq, 1.0, "r", "d", data, step=seq))
+
+    stopped = {"state": "finished", "error": None, "reason": "stopped", "checkpoint": "/x/stop.ckpt",
+               "train_steps": 40, "train_seconds": 3.5}
+    path = tmp_path / "events.jsonl"
+    # a stopped start, then a resumed one still training: nothing has ended
+    lines = [line(1, ev.STATE, {"state": "training"}), line(2, ev.STATE, stopped),
+             line(1, ev.STATE, {"state": "starting", "resume": True}), line(2, ev.LR, {"lrs": {"a": 0.1}})]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert final_state(tmp_path) is None
+    # the resumed start fails; log lines after its last state do not hide it, nor does a torn last line
+    failed = {"state": "failed", "error": "cannot write checkpoint"}
+    path.write_text("\n".join([*lines, line(3, ev.STATE, failed), line(4, ev.LOG, {"level": "info", "message": "m"})])
+                    + '\n{"v":1,"kind":"state","seq":5,', encoding="utf-8")
+    assert final_state(tmp_path) == failed
+    path.write_text("\n".join(lines[:2]) + "\n", encoding="utf-8")
+    assert final_state(path) == stopped
 
 
 def test_history_of_an_earlier_start_is_replaced_where_a_resume_repeats_it() -> None:
