@@ -80,7 +80,14 @@ def save_atomically(trainer: pl.Trainer, path: Path) -> None:
 
     Every rank must call this (saving is a collective); only global rank 0 writes and renames.
     """
-    # a full resumable checkpoint (and no info line per save)
+    if writes_in_background(trainer):
+        # what trainer.save_checkpoint does for these strategies, with write_atomically's streaming of the default
+        # IO: a stop waits ~0.1 s instead of ~0.4 s per 100 MB of checkpoint
+        checkpoint = dump_checkpoint(trainer)  # a full resumable checkpoint, on every rank
+        if trainer.is_global_zero:
+            write_atomically(checkpoint, path, trainer.strategy.checkpoint_io)
+        trainer.strategy.barrier("fts_daemon.save_atomically")
+        return
     _replace_atomically(path, lambda tmp: trainer.save_checkpoint(tmp, weights_only=False), trainer.is_global_zero)
 
 
