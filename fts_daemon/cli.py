@@ -20,6 +20,7 @@ from typing import Any
 
 from fts_daemon import registry
 from fts_daemon.client import Control, ControlError
+from fts_daemon.events import train_rate
 from fts_daemon.history import final_state, last_position
 
 # LightningCLI arguments passed through to the config (``--trainer.max_epochs=3``, ``--model.init_args.x=1``)
@@ -289,9 +290,9 @@ def _end_lines(info: dict[str, Any]) -> list[str]:
     if info["reason"] == "stopped" and info["checkpoint"]:
         lines.append(f"  stopped : {info['checkpoint']}")
         lines.append(f"  resume  : fts-daemon start --resume --run-dir {info['run_dir']}")
-    steps, seconds = info["train_steps"], info["train_seconds"]
-    if isinstance(steps, int) and isinstance(seconds, (int, float)) and seconds > 0:
-        lines.append(f"  trained : {steps} steps in {_duration(seconds)} ({steps / seconds:.1f} steps/s)"
+    rate = train_rate(info)
+    if rate is not None:
+        lines.append(f"  trained : {info['train_steps']} steps in {_duration(info['train_seconds'])} ({rate:.1f} steps/s)"
                      + (f", {info['reason']}" if info["reason"] else ""))
     return lines
 

@@ -25,7 +25,8 @@ PROTOCOL_VERSION = 1
 TOPIC_PREFIX = f"fts.v{PROTOCOL_VERSION}."
 
 # Event kinds and what their ``data`` holds:
-STATE = "state"  # {"state": one of RUN_STATES, "error": str | None, plus "phase", "resume", "to", "reason", "checkpoint"}
+STATE = "state"  # {"state": one of RUN_STATES, "error": str | None, plus "phase", "resume", "to", "reason", "checkpoint",
+#                    "train_steps", "train_seconds"}
 SCHEDULE = "schedule"  # {"phases": [...], "depth": int, "max_depth": int, "groups": [[label, ...] per phase]}
 TRANSITION = "transition"  # {"from", "to", "reason", "epoch", "step", "new_groups", "scheduler", "optimizer", "groups"}
 LR = "lr"  # {"lrs": {group tag: lr}} one event per optimizer step holding every group
@@ -418,6 +419,16 @@ def parse_reply(raw: bytes) -> tuple[Any, bool, Any]:
     if not isinstance(obj, Mapping) or "ok" not in obj:
         raise ProtocolError("reply must be an object with `ok`")
     return obj.get("id"), bool(obj["ok"]), obj.get("result") if obj["ok"] else obj.get("error")
+
+
+def train_rate(state_data: Mapping[str, Any]) -> float | None:
+    """A finished start's average steps/s from its final ``state`` data (``train_steps`` / ``train_seconds``), or
+    None where they are absent (a recording from before they existed, a fit that did not reach its end) or not
+    numbers."""
+    steps, seconds = state_data.get("train_steps"), state_data.get("train_seconds")
+    if type(steps) is int and isinstance(seconds, (int, float)) and seconds > 0:
+        return steps / seconds
+    return None
 
 
 def lr_tag_names(base_name: str | None, optimizer_class: str, group_names: Sequence[str | None]) -> list[str]:

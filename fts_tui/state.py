@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fts_daemon import clone
-from fts_daemon.events import Event, unpack_snapshot_series
+from fts_daemon.events import Event, train_rate, unpack_snapshot_series
 from fts_tui.series import Series
 
 # Parts of the display a change can touch (the app redraws only those).
@@ -384,9 +384,9 @@ class RunState:
             self.add_log(level, "state", text, ev.ts, ev.step)
 
     def _take_run_rate(self, data: Mapping[str, Any]) -> None:
-        steps, seconds = data.get("train_steps"), data.get("train_seconds")
-        if isinstance(steps, int) and isinstance(seconds, (int, float)) and seconds > 0:
-            self.run_rate = steps / seconds
+        rate = train_rate(data)
+        if rate is not None:
+            self.run_rate = rate
 
     def _on_heartbeat(self, ev: Event) -> None:
         if "state" in ev.data:
