@@ -310,11 +310,24 @@ class EditQueue:
         with self._lock:
             edit = self._edits.get(str(edit_id))
             if edit is None:
-                raise EditError(f"no edit {edit_id!r} (list them with list_edits)")
+                raise EditError(f"no edit {edit_id!r} in this run")
             if edit.status != "queued":
                 raise EditError(f"edit {edit.id} is {edit.status}; only queued edits can be cancelled")
             if self._fts is not None and edit.phase <= max(self._fts.curr_depth, self._started):
                 raise EditError(f"phase {edit.phase} has already started; edit {edit.id} can no longer be cancelled")
+            if self._fts is not None and self._fts.schedule is not None and self._module is not None:
+                # later edits may build on this one (arguments of the class it sets): without it they might no
+                # longer validate, and would all be rejected at the transition; refuse rather than lose them
+                try:
+                    self._candidate(self._pending_without({edit.id}))
+                except EditError as err:
+                    same = self._pending_by_phase().get(edit.phase, [])
+                    later = same[same.index(edit) + 1:]
+                    # name the later edits whose removal alongside it would do; all of them if none alone would
+                    culprits = [e.id for e in later if self._validates(self._pending_without({edit.id, e.id}))]
+                    hint = f"; cancel {', '.join(culprits or [e.id for e in later])} first" if later else ""
+                    raise EditError(f"edit {edit.id} cannot be cancelled alone: the queued edits left would not "
+                                    f"validate ({err}){hint}") from None
             self._set_status(edit, "cancelled")
             record = edit.to_dict()
         self._publish_schedule()
@@ -376,6 +389,16 @@ class EditQueue:
             if edit.status == "queued":
                 out.setdefault(edit.phase, []).append(edit)
         return out
+
+    def _pending_without(self, ids: set[str]) -> dict[int, list[Edit]]:
+        return {p: [e for e in es if e.id not in ids] for p, es in self._pending_by_phase().items()}
+
+    def _validates(self, overrides: Mapping[int, list[Edit]]) -> bool:
+        try:
+            self._candidate(overrides)
+        except EditError:
+            return False
+        return True
 
     def _candidate(self, overrides: Mapping[int, list[Edit]]) -> tuple[Schedule, ValidationReport]:
         """The live schedule with ``overrides`` merged, parsed, resolved and validated as the engine would."""

@@ -33,6 +33,7 @@ from torch.optim.lr_scheduler import (
     StepLR,
 )
 
+from fts_daemon.argtypes import arg_problems
 from fts_daemon.schedule import InitSpec, LRSchedulerSpec, OptimizerSpec, split_no_decay
 
 # Schedulers whose per-group state is fully described by base_lrs / min_lrs / lr_lambdas, so groups can be appended
@@ -125,22 +126,47 @@ def _stand_in_optimizer(n_groups: int, lrs: Sequence[float] | None = None) -> to
     return torch.optim.SGD(groups, lr=1e-3)
 
 
+DRY_RUN_STEPS = 16  # scheduler steps a dry run takes: a wrong value used only at a later step shows within these
+
+
 def dry_run_scheduler(cls: type, init_args: Mapping[str, Any], n_groups: int) -> None:
-    """Build the scheduler on a stand-in optimizer with ``n_groups`` groups and step it once; raise on failure."""
+    """Check the arguments against ``cls``'s annotations, build the scheduler on a stand-in optimizer with
+    ``n_groups`` groups and step it ``DRY_RUN_STEPS`` times; raise on failure or on a learning rate that is not a
+    finite number >= 0."""
+    wrong = arg_problems(cls, init_args)
+    if wrong:
+        raise ReinitError("; ".join(f"{name}={value!r}: {reason}" for name, value, reason in wrong))
     opt = _stand_in_optimizer(max(n_groups, 1))
+    step = 0
     try:
         sched = cls(opt, **dict(init_args))
-        if isinstance(sched, ReduceLROnPlateau):
-            sched.step(1.0)
-        else:
-            opt.step()
-            sched.step()
+        for step in range(1, DRY_RUN_STEPS + 1):
+            if isinstance(sched, ReduceLROnPlateau):
+                sched.step(1.0)
+            else:
+                opt.step()
+                sched.step()
+            for i, group in enumerate(opt.param_groups):
+                lr = group["lr"]
+                if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
+                    raise ReinitError(f"{cls.__name__}({_fmt_args(init_args)}) sets group {i}'s lr to {lr!r} at step "
+                                      f"{step}")
+    except ReinitError:
+        raise
     except Exception as err:
+        # later steps: only a type error is the arguments' fault (OneCycleLR, say, refuses to step past its
+        # total_steps, which a short dry run must not take for a bad schedule)
+        if step > 1 and not isinstance(err, TypeError):
+            return
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ReinitError(f"{cls.__name__}({_fmt_args(init_args)}) failed: {msg}") from None
+        where = f" at step {step}" if step > 1 else ""
+        raise ReinitError(f"{cls.__name__}({_fmt_args(init_args)}) failed{where}: {msg}") from None
 
 
 def dry_run_optimizer(cls: type, init_args: Mapping[str, Any]) -> None:
+    wrong = arg_problems(cls, init_args)
+    if wrong:
+        raise ReinitError("; ".join(f"{name}={value!r}: {reason}" for name, value, reason in wrong))
     try:
         cls([torch.nn.Parameter(torch.zeros(1))], **dict(init_args))
     except Exception as err:

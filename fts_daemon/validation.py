@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
+from fts_daemon.argtypes import arg_problems
 from fts_daemon.reinit import (
     ReinitError,
     dry_run_optimizer,
@@ -108,10 +109,14 @@ def _check_lr_spec(
                 )
             )
             return
-    try:
-        dry_run_scheduler(cls, args, n_after)
-    except ReinitError as err:
-        problems.append(problem(str(err), index, f"{key}.lr_scheduler_init.init_args", init.init_args))
+    wrong = arg_problems(cls, args)
+    for name, value, reason in wrong:
+        problems.append(problem(reason, index, f"{key}.lr_scheduler_init.init_args.{name}", value))
+    if not wrong:
+        try:
+            dry_run_scheduler(cls, args, n_after)
+        except ReinitError as err:
+            problems.append(problem(str(err), index, f"{key}.lr_scheduler_init.init_args", init.init_args))
     if spec.init_pg_lrs is not None:
         n = len(spec.init_pg_lrs)
         if n != n_after:
@@ -140,6 +145,11 @@ def _check_optim_spec(spec: OptimizerSpec, index: int, key: str, opts: Validatio
         cls = optimizer_class(init, opts.allowed_prefixes)
     except ReinitError as err:
         problems.append(problem(str(err), index, f"{key}.optimizer_init.class_path", init.class_path))
+        return
+    wrong = arg_problems(cls, init.init_args)
+    for name, value, reason in wrong:
+        problems.append(problem(reason, index, f"{key}.optimizer_init.init_args.{name}", value))
+    if wrong:
         return
     try:
         dry_run_optimizer(cls, init.init_args)

@@ -37,11 +37,14 @@ from .daemon_support import (
 )
 
 EXP = {"class_path": "torch.optim.lr_scheduler.ExponentialLR", "init_args": {"gamma": 0.5}}
+EXP_MERGED = {**EXP, "init_args": {"gamma": 0.4}}  # e1 with e5's argument
 ACCEPTED = [  # (phase, changes): e1..e4; e3 is cancelled afterwards
     (2, {"new_lr_scheduler": {"lr_scheduler_init": EXP}}),
     (2, {"lr": 4.0e-3, "new_lr_scheduler": {"init_pg_lrs": [1.5e-3] * 6}}),
     (1, {"lr": 5.0e-3, "max_transition_epoch": 3}),
     (1, {"new_lr_scheduler": {"lr_scheduler_init": {"init_args": {"gamma": 0.6}}}}),
+    # builds on e1: only ExponentialLR takes gamma, so e1 cannot be cancelled while e5 is queued
+    (2, {"new_lr_scheduler": {"lr_scheduler_init": {"init_args": {"gamma": 0.4}}}}),
 ]
 REJECTED = [  # (phase, changes, expected fragment of the one-line error)
     (0, {"lr": 1.0}, "current phase"),
@@ -60,6 +63,11 @@ REJECTED = [  # (phase, changes, expected fragment of the one-line error)
     (2, {"new_lr_scheduler": {"lr_scheduler_init": {"class_path": "torch.optim.SGD"}}}, "not a torch LR scheduler"),
     (1, {"new_lr_scheduler": {"lr_scheduler_init": {"class_path": "torch.optim.lr_scheduler.ReduceLROnPlateau"}}},
      "monitor"),
+    # builds and takes a first step, then fails at step 2: caught by the type check, not left to the transition
+    (2, {"new_lr_scheduler": {"lr_scheduler_init": {"class_path": "torch.optim.lr_scheduler.StepLR",
+                                                    "init_args": {"step_size": 2, "gamma": "abc"}}}},
+     "lr_scheduler_init.init_args.gamma = 'abc': StepLR takes a finite number"),
+    (2, {"new_lr_scheduler": {"lr_scheduler_init": {"init_args": {"gamma": -1.0}}}}, "sets group 0's lr to -"),
 ]
 
 
@@ -88,6 +96,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory):
             for phase, changes in ACCEPTED:
                 replies["accepted"].append(ctl.request("queue_edit", phase=phase, changes=changes))
             replies["cancel"] = ctl.request("cancel_edit", edit_id="e3")
+            try:
+                ctl.request("cancel_edit", edit_id="e1")
+            except ControlError as err:
+                replies["cancel_needed"] = str(err)
             for phase, changes, _ in REJECTED:
                 try:
                     ctl.request("queue_edit", phase=phase, changes=changes)
@@ -140,13 +152,17 @@ def runs(tmp_path_factory: pytest.TempPathFactory):
 
 def test_accepted_edits_are_queued_merged_and_cancellable(runs: dict) -> None:
     replies = runs["replies"]
-    assert [r["id"] for r in replies["accepted"]] == ["e1", "e2", "e3", "e4"]
+    assert [r["id"] for r in replies["accepted"]] == ["e1", "e2", "e3", "e4", "e5"]
     assert all(r["status"] == "queued" for r in replies["accepted"])
     assert replies["cancel"]["status"] == "cancelled"
     assert "only queued edits can be cancelled" in replies["cancel_again"]
+    # e5 sets gamma, which the phase's own CosineAnnealingWarmRestarts does not take: e1 stays
+    assert replies["cancel_needed"].startswith("edit e1 cannot be cancelled alone"), replies["cancel_needed"]
+    assert "unexpected keyword argument 'gamma'" in replies["cancel_needed"]
+    assert replies["cancel_needed"].endswith("cancel e5 first")  # not e2, which does not build on e1
     statuses = {e["id"]: (e["status"], e["applied_step"]) for e in replies["list"]}
     assert statuses == {"e1": ("queued", None), "e2": ("queued", None), "e3": ("cancelled", None),
-                        "e4": ("queued", None)}
+                        "e4": ("queued", None), "e5": ("queued", None)}
 
 
 def test_rejected_edits_and_malformed_messages_change_nothing(runs: dict) -> None:
@@ -157,13 +173,13 @@ def test_rejected_edits_and_malformed_messages_change_nothing(runs: dict) -> Non
     assert malformed[0]["ok"] is False and malformed[0]["id"] is None
     assert "unknown argument 'x'" in malformed[1]["error"]
     assert "cancel_edit takes edit_id; unknown argument 'extra'" in malformed[2]["error"]
-    # only the four accepted edits exist anywhere: list, journal, events
-    assert len(runs["replies"]["list"]) == 4
+    # only the five accepted edits exist anywhere: list, journal, events
+    assert len(runs["replies"]["list"]) == 5
     journal = Journal(runs["base"] / "a" / "edits.jsonl").read()
-    assert sorted({r["edit"]["id"] for r in journal if r["type"] == "queued"}) == ["e1", "e2", "e3", "e4"]
+    assert sorted({r["edit"]["id"] for r in journal if r["type"] == "queued"}) == ["e1", "e2", "e3", "e4", "e5"]
     final = replay_journal(journal)
     assert {k: e.status for k, e in final.items()} == {"e1": "applied", "e2": "applied", "e3": "cancelled",
-                                                       "e4": "applied"}
+                                                       "e4": "applied", "e5": "applied"}
     events = read_events(runs["base"] / "a" / "events.jsonl")
     rejected = [e for e in events if e.kind == ev.EDIT and e.data["edit"]["status"] == "rejected"]
     assert len(rejected) == len(REJECTED)
@@ -182,18 +198,18 @@ def test_edit_queued_mid_run_equals_the_yaml(runs: dict) -> None:
     trans_a = [e.data for e in a_events if e.kind == ev.TRANSITION]
     trans_b = [e.data for e in b_events if e.kind == ev.TRANSITION]
     assert [t["scheduler"] for t in trans_a] == [t["scheduler"] for t in trans_b]
-    assert trans_a[1]["scheduler"]["lr_scheduler_init"] == EXP  # class changed: T_0/T_mult/eta_min dropped
+    assert trans_a[1]["scheduler"]["lr_scheduler_init"] == EXP_MERGED  # class changed: T_0/T_mult/eta_min dropped
     assert trans_a[0]["scheduler"]["lr_scheduler_init"]["init_args"] == {"step_size": 1, "gamma": 0.6}
     applied = {e.data["edit"]["id"]: e.data["edit"] for e in a_events if e.kind == ev.EDIT and
                e.data["edit"]["status"] == "applied"}
-    assert sorted(applied) == ["e1", "e2", "e4"]
+    assert sorted(applied) == ["e1", "e2", "e4", "e5"]
     assert applied["e4"]["applied_step"] == 8 and applied["e1"]["applied_step"] == 16
     effective = yaml.safe_load((runs["base"] / "a" / "schedule_effective.yaml").read_text())
-    assert effective[2]["new_lr_scheduler"]["lr_scheduler_init"] == EXP and effective[2]["lr"] == 4.0e-3
+    assert effective[2]["new_lr_scheduler"]["lr_scheduler_init"] == EXP_MERGED and effective[2]["lr"] == 4.0e-3
     assert effective[1]["max_transition_epoch"] == 4  # e3 (cancelled) never applied
     # the schedule events carried the queued edits per phase while they were pending
     sched = [e.data for e in a_events if e.kind == ev.SCHEDULE and e.data["phases"][2]["edits"]]
-    assert {x["id"] for x in sched[-1]["phases"][2]["edits"]} == {"e1", "e2"}
+    assert {x["id"] for x in sched[-1]["phases"][2]["edits"]} == {"e1", "e2", "e5"}
 
 
 def test_plan_op_previews_an_edit(runs: dict) -> None:

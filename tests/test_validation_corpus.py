@@ -76,6 +76,14 @@ CASES: list[tuple[str, Any, str]] = [
     ("lrs-not-a-scheduler", {"ft_schedule": sched_init(1, "torch.optim.SGD", {})}, "is not a torch LR scheduler"),
     ("lrs-bad-init-args", {"ft_schedule": sched_init(1, "torch.optim.lr_scheduler.StepLR", {"gamma": 0.7})}, "StepLR(gamma=0.7) failed"),
     ("lrs-unknown-init-arg", {"ft_schedule": sched_init(1, "torch.optim.lr_scheduler.StepLR", {"step_size": 1, "gama": 0.7})}, "unexpected keyword argument 'gama'"),
+    # wrong values that build and step once, then fail (or go negative) later in the run: refused up front
+    ("lrs-arg-text-for-number", {"ft_schedule": sched_init(1, "torch.optim.lr_scheduler.StepLR", {"step_size": 2, "gamma": "abc"})}, "phase 1: new_lr_scheduler.lr_scheduler_init.init_args.gamma = 'abc': StepLR takes a finite number here"),
+    ("lrs-arg-yaml-exponent", {"ft_schedule": sched_init(1, "torch.optim.lr_scheduler.CosineAnnealingLR", {"T_max": 4, "eta_min": "1e-6"})}, "'1e-6' is text: YAML needs a dot and a signed exponent"),
+    ("lrs-arg-nan", {"ft_schedule": sched_init(1, "torch.optim.lr_scheduler.ExponentialLR", {"gamma": float("nan")})}, "init_args.gamma = nan: ExponentialLR takes a finite number"),
+    ("lrs-arg-text-for-list", {"ft_schedule": sched_init(1, "torch.optim.lr_scheduler.MultiStepLR", {"milestones": "ab"})}, "init_args.milestones = 'ab': MultiStepLR takes a list of integers"),
+    ("lrs-arg-literal", {"ft_schedule": with_phase(1, new_lr_scheduler={"lr_scheduler_init": {"class_path": "torch.optim.lr_scheduler.ReduceLROnPlateau", "init_args": {"mode": "lowest"}}, "pl_lrs_cfg": {"monitor": "val_loss"}})}, "init_args.mode = 'lowest': ReduceLROnPlateau takes one of 'min', 'max'"),
+    ("lrs-negative-lr-later", {"ft_schedule": sched_init(1, "torch.optim.lr_scheduler.StepLR", {"step_size": 3, "gamma": -0.5})}, "sets group 0's lr to -"),
+    ("optim-arg-type", {"ft_schedule": with_phase(1, new_optimizer={"optimizer_init": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1, "nesterov": "yes"}}})}, "new_optimizer.optimizer_init.init_args.nesterov = 'yes': SGD takes true or false"),
     ("lrs-init-args-not-mapping", {"ft_schedule": sched_init(1, "torch.optim.lr_scheduler.StepLR", [1, 2])}, "init_args = [1, 2]: must be a mapping"),
     ("lrs-missing-init-args", {"ft_schedule": with_phase(1, new_lr_scheduler={"lr_scheduler_init": {"class_path": "torch.optim.lr_scheduler.StepLR"}})}, "StepLR() failed"),
     ("init-pg-lrs-not-float", {"ft_schedule": sched_lr(1, init_pg_lrs=[1e-5, "x"])}, "init_pg_lrs = [1e-05, 'x']: entry 1 ('x')"),
@@ -140,6 +148,28 @@ def test_bad_input_fails_before_training(tmp_path: Any, case_id: str, kwargs: An
 
 def test_corpus_is_large_enough() -> None:
     assert len(CASES) >= 40
+
+
+def test_values_that_fit_their_annotations_pass() -> None:
+    from torch.optim import SGD, AdamW
+    from torch.optim.lr_scheduler import LambdaLR, MultiStepLR, OneCycleLR, ReduceLROnPlateau, StepLR
+
+    from fts_daemon.argtypes import arg_problems
+    from fts_daemon.reinit import dry_run_scheduler
+
+    fine = [
+        (StepLR, {"step_size": 2.0, "gamma": 1}),  # ints for floats, integral floats for ints: torch takes both
+        (MultiStepLR, {"milestones": (2, 4), "gamma": 0.5}),
+        (ReduceLROnPlateau, {"mode": "max", "min_lr": [0, 1.0e-6], "patience": 1}),
+        (OneCycleLR, {"max_lr": [0.1, 0.2], "total_steps": None, "epochs": 2, "steps_per_epoch": 3}),
+        (LambdaLR, {"lr_lambda": "anything: callables are left to the dry run"}),
+        (AdamW, {"lr": 1.0e-3, "betas": [0.9, 0.99]}),
+        (SGD, {"lr": 0.1, "nesterov": False, "unknown": object()}),  # unknown names are left to the constructor
+    ]
+    for cls, args in fine:
+        assert arg_problems(cls, args) == [], cls
+    # OneCycleLR refuses to step past total_steps: a dry run longer than that is not the schedule's fault
+    dry_run_scheduler(OneCycleLR, {"max_lr": 0.1, "total_steps": 5}, 2)
 
 
 def test_unsupported_initial_scheduler(tmp_path: Any) -> None:
