@@ -24,6 +24,9 @@ from fts_daemon.events import train_rate
 from fts_daemon.history import final_state, last_position
 
 # LightningCLI arguments passed through to the config (``--trainer.max_epochs=3``, ``--model.init_args.x=1``)
+# how long `start --detach` waits, once the daemon listens, for it to build the config and model and start
+# training, so that a config that cannot run is reported by `start` itself rather than found later by `status`
+DETACH_SETTLE_S = 60.0
 PASSTHROUGH_PREFIXES = ("--trainer.", "--model.", "--data.", "--seed_everything", "--optimizer", "--lr_scheduler")
 
 
@@ -180,6 +183,22 @@ def cmd_start(args: argparse.Namespace, passthrough: list[str]) -> int:
     return Daemon(options).run()
 
 
+def _settle(record: registry.RunRecord, child: subprocess.Popen, state: str) -> str:
+    """Wait (up to DETACH_SETTLE_S) while a listening daemon is still starting; its state then."""
+    deadline = time.monotonic() + DETACH_SETTLE_S
+    while state == "starting" and time.monotonic() < deadline and child.poll() is None:
+        time.sleep(0.2)
+        try:
+            with Control(record.ctl, timeout=1.0) as ctl:
+                state = str(ctl.request("hello").get("state"))
+        except ControlError:
+            pass  # busy, or gone: child.poll() tells
+    if state == "failed":  # it exits once its end is published and recorded
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=10)
+    return state
+
+
 def _detach(options: Any, passthrough: list[str]) -> int:
     """Start the daemon in its own session, wait until it listens, print how to reach it."""
     run_dir: Path = options.run_dir
@@ -220,7 +239,14 @@ def _detach(options: Any, passthrough: list[str]) -> int:
             except ControlError:
                 hello = None
             if hello is not None:
-                print(f"fts-daemon: run {record.run} started in the background (pid {record.pid})")
+                state = _settle(record, child, str(hello.get("state")))
+                if state == "failed" or child.poll() not in (None, 0):
+                    end = final_state(run_dir) or {}
+                    reason = end.get("error") or f"the daemon exited with code {child.poll()}"
+                    print(f"fts-daemon: run {record.run} failed: {reason}\n  log     : {log_path}", file=sys.stderr)
+                    return 1
+                note = " and is still starting" if state == "starting" else ""
+                print(f"fts-daemon: run {record.run} started in the background (pid {record.pid}){note}")
                 print(f"  run dir : {record.run_dir}\n  log     : {log_path}")
                 print(f"  events  : {record.pub}\n  control : {record.ctl}")
                 print(f"  attach  : fts-tui attach {record.run}")
@@ -355,7 +381,15 @@ def cmd_stop(args: argparse.Namespace) -> int:
         print(f"fts-daemon: pid {record.pid} still running after {args.timeout:g}s", file=sys.stderr)
         return 1
     final = registry.read_record(record.run)
-    print(f"run {record.run}: {final.state}; resume with: fts-daemon start --resume --run-dir {final.run_dir}")
+    end = {}
+    with contextlib.suppress(OSError):
+        end = final_state(final.run_dir) or {}
+    if end.get("checkpoint"):
+        print(f"run {record.run}: {final.state}; resume with: fts-daemon start --resume --run-dir {final.run_dir}")
+    elif end.get("error"):
+        print(f"run {record.run}: {final.state}: {end['error']}")
+    else:  # stopped before its first step: there is nothing to resume from
+        print(f"run {record.run}: {final.state}; no checkpoint was written (it had not trained yet)")
     return 0
 
 

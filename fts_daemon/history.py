@@ -143,6 +143,17 @@ def final_state(target: str | Path, tail_bytes: int = 256 * 1024) -> dict[str, A
     return None
 
 
+def recorded_run_id(target: str | Path) -> str | None:
+    """The run id a recording's first event carries (what ``--resume`` keeps), or None if there is none to read."""
+    try:
+        with open(events_path(target), "rb") as fh:
+            obj = json.loads(fh.readline(64 * 1024))
+    except (OSError, ValueError):
+        return None
+    run = obj.get("run") if isinstance(obj, dict) else None
+    return run if isinstance(run, str) and run else None
+
+
 def read_events(target: str | Path) -> tuple[list[ev.Event], ReadReport]:
     path = events_path(target)
     report = ReadReport(path=path)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import functools
 import logging
 import os
@@ -40,6 +41,7 @@ from fts_daemon import events as ev
 from fts_daemon import registry
 from fts_daemon.bus import BindRefused, BusConfig, CurveKeys, EventBus, OpError
 from fts_daemon.edits import EditError, EditQueue, Journal
+from fts_daemon.history import recorded_run_id
 
 log = logging.getLogger("fts_daemon.runner")
 
@@ -47,6 +49,7 @@ EVENTS_FILE = "events.jsonl"
 JOURNAL_FILE = "edits.jsonl"
 EFFECTIVE_SCHEDULE_FILE = "schedule_effective.yaml"
 CONFIG_FILE = "config.yaml"
+LOCK_FILE = ".fts-daemon.lock"  # held (flock) by the daemon writing the run dir
 CHECKPOINT_DIR = "checkpoints"
 # steps in a `plan` reply unless the request says otherwise (a longer run's plan is sampled; the reply says how)
 PLAN_MAX_STEPS = 20_000
@@ -342,7 +345,9 @@ def resolve_run_location(opts: StartOptions, rank: int = 0) -> tuple[str, Path]:
         opts.run_dir = Path(registry.read_record(opts.run).run_dir)
     if opts.run_dir is not None:
         run_dir = Path(opts.run_dir).resolve()
-        run_id = registry.check_run_id(opts.run or run_dir.name)
+        # a resumed run keeps the id its recording carries, whatever its directory is called
+        recorded = recorded_run_id(run_dir) if opts.resume and not opts.run else None
+        run_id = registry.check_run_id(opts.run or recorded or run_dir.name)
     else:
         run_id = registry.check_run_id(opts.run or default_run_id(opts.configs))
         run_dir = (opts.runs_root / run_id).resolve()
@@ -366,7 +371,57 @@ def resolve_run_location(opts: StartOptions, rank: int = 0) -> tuple[str, Path]:
         and existing.state not in registry.FINAL_STATES
     ):
         raise ConfigError(f"run {run_id!r} is already running (pid {existing.pid}); stop it first")
+    RunDirLock(run_dir).check()
     return run_id, run_dir
+
+
+class RunDirLock:
+    """An advisory lock (``flock``) on a run dir, held for the daemon's life, so that two daemons never write one
+    recording, journal or checkpoint directory. The kernel drops it when the process dies, however it dies."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOCK_FILE
+        self._fd: int | None = None
+
+    def _holder(self, fd: int) -> str:
+        with contextlib.suppress(OSError):
+            return os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+        return ""
+
+    def _refuse(self, fd: int) -> ConfigError:
+        holder = self._holder(fd)
+        return ConfigError(f"run dir {self.path.parent} is in use by another daemon ({holder or 'pid unknown'}); "
+                           "stop it first or choose another --run-dir")
+
+    def check(self) -> None:
+        """Raise ConfigError if a live daemon holds the lock (nothing is taken or created)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return  # no lock file (a new run dir) or unreadable: acquire() decides
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise self._refuse(fd) from None
+        finally:
+            os.close(fd)  # closing drops the shared lock just taken
+
+    def acquire(self, run_id: str) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            err = self._refuse(fd)
+            os.close(fd)
+            raise err from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"run {run_id}, pid {os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # the lock goes with the descriptor
+            self._fd = None
 
 
 # ------------------------------------------------------------------------------------------------ daemon
@@ -405,6 +460,7 @@ class Daemon:
         self._epoch_checkpoint: Any = None  # crashsafe.EpochCheckpoint, once built
         self.run_id = ""
         self.run_dir = Path(".")
+        self._dir_lock = RunDirLock(self.run_dir)  # taken by _start_bus (rank 0)
         self.rank = 0  # launch_rank(), set by run()
         self._out = options.out
         self._signals_seen = 0
@@ -434,6 +490,7 @@ class Daemon:
 
     def _resolve_run(self) -> None:
         self.run_id, self.run_dir = resolve_run_location(self.options, self.rank)
+        self._dir_lock = RunDirLock(self.run_dir)
 
     def _endpoints(self) -> tuple[str, str]:
         opts = self.options
@@ -473,6 +530,7 @@ class Daemon:
         curve = CurveKeys.from_dir(opts.curve_dir) if opts.curve_dir else None
         pub, ctl = self._endpoints()
         self._prepare_run_dir()
+        self._dir_lock.acquire(self.run_id)  # before anything in the run dir is touched
         journal = self.run_dir / JOURNAL_FILE
         if not opts.resume and journal.exists():
             # a fresh start in a used run dir must not pick up the previous run's pending edits
@@ -689,6 +747,7 @@ class Daemon:
             self.error = one_line(err)
             self._print(f"fts-daemon{self._rank_note()}: {self.error}")
             self.exit_code = 2
+            self._dir_lock.release()
             self.ready.set()
             return 2
         self.ready.set()
@@ -715,6 +774,7 @@ class Daemon:
             self._restore_signals()
             assert self.bus is not None
             self.bus.close()
+            self._dir_lock.release()
             registry.update_record(self.run_id, state="finished" if self.exit_code == 0 else "failed")
         return self.exit_code
 

@@ -84,6 +84,32 @@ def test_cli_lifecycle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         assert f"  trained : {done['train_steps']} steps in " in text and "steps/s), stopped" in text
 
 
+def test_cli_run_dir_is_one_daemons_and_keeps_its_run_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with private_runtime_dir(monkeypatch):
+        cfg = write_config(tmp_path / "cfg", step_delay=0.25, max_epochs=6)
+        run_dir = tmp_path / "experiment-7"  # not named after the run
+        first = fts("start", "--config", str(cfg), "--run", "owner", "--run-dir", str(run_dir), "--detach", cwd=tmp_path)
+        assert first.returncode == 0 and "run owner started in the background" in first.stdout, first.stderr
+        pid = registry.read_record("owner").pid
+        # a second daemon, under another run id, must not write the same recording, journal and checkpoints
+        second = fts("start", "--config", str(cfg), "--run", "intruder", "--run-dir", str(run_dir), "--detach",
+                     cwd=tmp_path)
+        assert second.returncode == 2
+        assert f"run dir {run_dir} is in use by another daemon (run owner, pid {pid})" in second.stderr
+        assert {e.daemon for e in read_events(run_dir / "events.jsonl")} == {registry.read_record("owner").daemon}
+        # a config that cannot run is reported by `start --detach` itself, not found later by `status`
+        bad = fts("start", "--config", str(tmp_path / "missing.yaml"), "--run", "bad", "--detach", cwd=tmp_path)
+        assert bad.returncode == 1 and "run bad failed: config file not found" in bad.stderr, bad.stderr
+        stopped = fts("stop", "owner", cwd=tmp_path)
+        assert f"resume with: fts-daemon start --resume --run-dir {run_dir}" in stopped.stdout, stopped.stdout
+        # that command, as printed, resumes the run under its own id (the directory's name is not the id)
+        resumed = fts("start", "--resume", "--run-dir", str(run_dir), "--detach", cwd=tmp_path)
+        assert resumed.returncode == 0 and "run owner started in the background" in resumed.stdout, resumed.stderr
+        assert fts("stop", "owner", cwd=tmp_path).returncode == 0
+        runs = {e.run for e in read_events(run_dir / "events.jsonl")}
+        assert runs == {"owner"}
+
+
 def test_cli_validate_plan_and_foreground_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with private_runtime_dir(monkeypatch):
         cfg = write_config(tmp_path / "cfg", max_epochs=5)
