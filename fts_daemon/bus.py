@@ -663,7 +663,7 @@ class EventBus:
                 return None
             return ev.ok_reply(req_id, self._dispatch(op, args))
         except Exception as err:
-            return self._error_reply(req_id, err)
+            return self._error_reply(getattr(err, "req_id", None) or req_id, err)
 
     @staticmethod
     def _error_reply(req_id: Any, err: Exception) -> bytes:

@@ -511,10 +511,24 @@ def _transition_epochs(text: str | None) -> dict[int, int] | None:
     out = {}
     for item in text.split(","):
         phase, sep, epoch = item.partition("=")
-        if not sep:
-            raise SystemExit(f"fts-daemon: --transition-epochs expects PHASE=EPOCH[,...], got {item!r}")
-        out[int(phase)] = int(epoch)
+        try:
+            if not sep:
+                raise ValueError
+            out[int(phase)] = int(epoch)
+        except ValueError:
+            raise SystemExit(f"fts-daemon: --transition-epochs expects PHASE=EPOCH[,...] with integers, "
+                             f"got {item!r}") from None
     return out
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def cmd_plan(args: argparse.Namespace, passthrough: list[str]) -> int:
@@ -604,8 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true")
         if name == "plan":
             p.add_argument("--transition-epochs", help="PHASE=EPOCH,... for phases ended by early stopping")
-            p.add_argument("--steps-per-epoch", type=int)
-            p.add_argument("--max-epochs", type=int)
+            p.add_argument("--steps-per-epoch", type=_positive_int)
+            p.add_argument("--max-epochs", type=_positive_int)
 
     p = sub.add_parser("edit", help="queue, cancel or list schedule edits of a running run")
     p.add_argument("run", nargs="?")

@@ -300,7 +300,7 @@ class EditQueue:
             self.publish(ev.EDIT, {"edit": {"id": None, "phase": phase if isinstance(phase, int) else None,
                                             "changes": changes if isinstance(changes, Mapping) else None,
                                             "status": "rejected", "error": str(err), "created": time.time(),
-                                            "applied_step": None}})
+                                            "applied_step": None, "warnings": []}})
             raise
         self.publish(ev.EDIT, {"edit": record})
         self._publish_schedule()

@@ -58,7 +58,11 @@ MAX_EVENT_BYTES = 4 * 1024 * 1024
 
 
 class ProtocolError(ValueError):
-    """A frame that does not follow protocol v1 (one-line message)."""
+    """A frame that does not follow protocol v1 (one-line message); ``req_id``: the request's id, where it was read."""
+
+    def __init__(self, message: str, req_id: Any = None) -> None:
+        super().__init__(message)
+        self.req_id = req_id
 
 
 @dataclass
@@ -335,9 +339,9 @@ def parse_request(raw: bytes) -> tuple[Any, str, dict[str, Any]]:
         raise ProtocolError("request id must be a string or an integer")
     op = obj.get("op")
     if not isinstance(op, str):
-        raise ProtocolError("request needs an `op` string")
+        raise ProtocolError("request needs an `op` string", req_id)
     if op not in OPS:
-        raise ProtocolError(f"unknown op {op[:40]!r} (known: {', '.join(OPS)})")
+        raise ProtocolError(f"unknown op {op[:40]!r} (known: {', '.join(OPS)})", req_id)
     args = {k: v for k, v in obj.items() if k not in ("id", "op")}
     return req_id, op, args
 

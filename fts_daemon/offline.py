@@ -90,6 +90,7 @@ def _check(
     from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
     from fts_daemon.callback import FTSConfigError
+    from fts_daemon.planner import PlanError
 
     result = CheckResult(ok=False)
     warnings_seen: list[str] = []
@@ -125,6 +126,9 @@ def _check(
             return result
         except (ConfigError, MisconfigurationException) as err:
             result.problems = [line for line in str(err).splitlines() if line.strip()]
+            return result
+        except PlanError as err:
+            result.problems = [f"--transition-epochs: {err}"]
             return result
         except Exception as err:  # a model or datamodule that fails to set up is a config problem here
             result.problems = [f"{type(err).__name__}: {one_line(err)}"]

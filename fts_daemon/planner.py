@@ -162,6 +162,24 @@ def _tags(optimizer: torch.optim.Optimizer, lr_configs: Sequence[LRSchedulerConf
     return lr_tag_names(name, type(optimizer).__name__, [g.get("name") for g in optimizer.param_groups])
 
 
+class PlanError(ValueError):
+    """A plan that cannot be asked for (e.g. start epochs for phases the schedule lacks)."""
+
+
+def check_transition_epochs(transition_epochs: Mapping[int, int], n_phases: int) -> None:
+    """Raise PlanError unless every phase named exists after phase 0 and the start epochs rise with the phase."""
+    given = sorted(transition_epochs.items())
+    for phase, epoch in given:
+        if not 1 <= phase < n_phases:
+            raise PlanError(f"phase {phase} cannot be given a start epoch: the schedule has phases 0..{n_phases - 1}, "
+                            "and phase 0 starts at epoch 0")
+        if epoch < 1:
+            raise PlanError(f"phase {phase} cannot start at epoch {epoch}: the earliest is epoch 1")
+    for (p0, e0), (p1, e1) in zip(given, given[1:]):
+        if e1 <= e0:
+            raise PlanError(f"phase {p1} would start at epoch {e1}, not after phase {p0} (epoch {e0})")
+
+
 def plan_run(
     initial: InitialSetup,
     schedule: Schedule,
@@ -191,6 +209,7 @@ def plan_run(
     host = SimpleHost(setup.optimizer, setup.lr_configs)
     engine = PhaseEngine(copy.deepcopy(schedule), settings)
     transition_epochs = dict(transition_epochs or {})
+    check_transition_epochs(transition_epochs, len(schedule))
     plan = Plan(phase_starts=[{"phase": 0, "epoch": 0, "step": 0}])
     epochs = max_epochs
     if max_steps is not None and steps_per_epoch > 0 and max_epochs * steps_per_epoch > max_steps:

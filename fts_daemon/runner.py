@@ -41,7 +41,7 @@ from fts_daemon import events as ev
 from fts_daemon import registry
 from fts_daemon.bus import BindRefused, BusConfig, CurveKeys, EventBus, OpError
 from fts_daemon.edits import EditError, EditQueue, Journal
-from fts_daemon.history import recorded_run_id
+from fts_daemon.history import final_state, recorded_run_id
 
 log = logging.getLogger("fts_daemon.runner")
 
@@ -584,7 +584,13 @@ class Daemon:
         if event.kind == ev.STATE:
             if isinstance(event.data.get("info"), dict) and self.bus is not None:  # run facts: hello has them too
                 self.bus.config.info.update(event.data["info"])
-            registry.update_record(self.run_id, state=event.data.get("state", "unknown"))
+            changes: dict[str, Any] = {"state": event.data.get("state", "unknown")}
+            # a resumed run starts in a later phase without a transition; a final state names the phase it ended in
+            fts = self.tap.fts if self.tap is not None else None
+            phase = event.data.get("phase", fts.curr_depth if fts is not None else None)
+            if isinstance(phase, int) and not isinstance(phase, bool):
+                changes["phase"] = phase
+            registry.update_record(self.run_id, **changes)
         elif event.kind == ev.TRANSITION:
             registry.update_record(self.run_id, phase=int(event.data.get("to", 0)))
 
@@ -601,6 +607,8 @@ class Daemon:
         return self._edit_op(lambda q: q.queue(args.get("phase"), args.get("changes")))
 
     def _op_plan(self, args: dict[str, Any]) -> Any:
+        from fts_daemon.planner import PlanError  # torch: loaded by then; kept out of this module's imports
+
         fts = self.tap.fts if self.tap is not None else None
         if fts is None or getattr(fts, "initial_setup", None) is None:
             raise OpError("no plan yet: the run has not started training (or was resumed, which has no phase-0 copy)")
@@ -611,14 +619,17 @@ class Daemon:
         if transition_epochs is not None:
             if not isinstance(transition_epochs, dict):
                 raise OpError("`transition_epochs` must map phase numbers to epochs")
-            transition_epochs = {int(k): int(v) for k, v in transition_epochs.items()}
+            try:
+                transition_epochs = {int(k): int(v) for k, v in transition_epochs.items()}
+            except (TypeError, ValueError):
+                raise OpError("`transition_epochs` must map phase numbers to epochs, both integers") from None
         max_steps = args.get("max_steps", PLAN_MAX_STEPS)
         if type(max_steps) is not int or max_steps < 2:
             raise OpError(f"`max_steps` must be an integer >= 2; got {max_steps!r:.40}")
         try:
             plan = fts.plan(schedule=schedule, transition_epochs=transition_epochs, max_points=max_steps,
                             max_steps=PLAN_HORIZON_STEPS, pause=_Yield())
-        except RuntimeError as err:  # e.g. asked before the train loader exists: an answer, not a crash
+        except (RuntimeError, PlanError) as err:  # e.g. asked before the train loader exists: an answer, not a crash
             raise OpError(str(err)) from None
         return plan.sampled(max_steps)[0].to_dict()
 
@@ -792,7 +803,11 @@ class Daemon:
             return Path(os.environ[ENV_RESUME_CKPT])  # exactly the file rank 0 resumes from
         if not self.options.resume:
             return None
-        ckpt = newest_checkpoint(self.run_dir)
+        # the checkpoint the last stop wrote (and printed) when the recording ends with it, else the newest file:
+        # checkpoint callbacks may write one at the same step, and the user resumes what `stop` said
+        end = (final_state(self.run_dir) or {}) if (self.run_dir / EVENTS_FILE).is_file() else {}
+        stopped = Path(end["checkpoint"]) if end.get("reason") == "stopped" and end.get("checkpoint") else None
+        ckpt = stopped if stopped is not None and stopped.is_file() else newest_checkpoint(self.run_dir)
         if ckpt is None:
             raise ConfigError(f"--resume: no checkpoint (*.ckpt) in {self.run_dir}")
         if self.rank == 0:

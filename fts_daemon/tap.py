@@ -248,7 +248,8 @@ class DaemonTap(Callback):
     def _before_transition(self, fts: FinetuningScheduler, next_depth: int) -> None:
         trainer = fts.trainer
         step = int(trainer.global_step) if trainer is not None else None
-        self.publish(ev.STATE, {"state": "transition", "error": None, "to": next_depth}, step)
+        epoch = int(trainer.current_epoch) if trainer is not None else None
+        self.publish(ev.STATE, {"state": "transition", "error": None, "to": next_depth}, step, epoch)
         assert self.edits is not None
         self.edits.apply_for(fts, next_depth)
 
@@ -262,7 +263,11 @@ class DaemonTap(Callback):
             return
         self.info.update(run_info(trainer, pl_module, self.fts))
         data = {"state": "training", "error": None, "info": dict(self.info)}
-        self.publish(ev.STATE, data, int(trainer.global_step), int(trainer.current_epoch))
+        if trainer.ckpt_path is not None:
+            # resuming: the loops (global step, epoch) are restored only after on_fit_start; 0 / 0 would be wrong
+            self.publish(ev.STATE, data)
+        else:
+            self.publish(ev.STATE, data, int(trainer.global_step), int(trainer.current_epoch))
 
     def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning has just installed its signal handlers (a SIGTERM now would end the fit with SIGTERMException,

@@ -127,9 +127,10 @@ def test_malformed_requests_get_errors_and_the_bus_keeps_serving(rt: Path, tmp_p
             return json.loads(dealer.recv())
 
         assert ask(b"{not json")["ok"] is False
-        assert "unknown op" in ask(ev.dumps({"id": 1, "op": "rm -rf"}))["error"]
+        unknown = ask(ev.dumps({"id": 1, "op": "rm -rf"}))
+        assert "unknown op" in unknown["error"] and unknown["id"] == 1  # the id, once read, goes back
         assert ask(ev.dumps({"id": [1], "op": "hello"}))["ok"] is False
-        assert ask(ev.dumps({"id": 2, "op": 7}))["ok"] is False
+        assert ask(ev.dumps({"id": 2, "op": 7})) == {"id": 2, "ok": False, "error": "request needs an `op` string"}
         assert ask(ev.dumps([1, 2, 3]))["ok"] is False
         assert ask(b"\xff\xfe")["ok"] is False
         assert "exactly one JSON frame" in ask(b"a", b"b", b"c")["error"]

@@ -100,14 +100,27 @@ def test_cli_run_dir_is_one_daemons_and_keeps_its_run_id(tmp_path: Path, monkeyp
         # a config that cannot run is reported by `start --detach` itself, not found later by `status`
         bad = fts("start", "--config", str(tmp_path / "missing.yaml"), "--run", "bad", "--detach", cwd=tmp_path)
         assert bad.returncode == 1 and "run bad failed: config file not found" in bad.stderr, bad.stderr
+        wait_for(lambda: registry.read_record("owner").phase == 1, timeout=120)  # 4 steps an epoch, phase 1 at 2
         stopped = fts("stop", "owner", cwd=tmp_path)
         assert f"resume with: fts-daemon start --resume --run-dir {run_dir}" in stopped.stdout, stopped.stdout
-        # that command, as printed, resumes the run under its own id (the directory's name is not the id)
+        stop_ckpt = [e for e in read_events(run_dir / "events.jsonl") if e.kind == ev.STATE][-1].data["checkpoint"]
+        # that command, as printed, resumes the run under its own id (the directory's name is not the id), from
+        # the checkpoint the stop wrote (Lightning's checkpoint callback may have written one at the same step)
         resumed = fts("start", "--resume", "--run-dir", str(run_dir), "--detach", cwd=tmp_path)
         assert resumed.returncode == 0 and "run owner started in the background" in resumed.stdout, resumed.stderr
+        assert f"  resume  : {stop_ckpt}" in (run_dir / "daemon.log").read_text()
+        # resumed in phase 1, with no transition yet (phase 2 starts at step 16, ~2 s away): the registry knows
+        record = registry.read_record("owner")
+        assert record.phase == 1 and record.state == "training"
+        second_daemon = record.daemon
         assert fts("stop", "owner", cwd=tmp_path).returncode == 0
-        runs = {e.run for e in read_events(run_dir / "events.jsonl")}
-        assert runs == {"owner"}
+        events = read_events(run_dir / "events.jsonl")
+        assert {e.run for e in events} == {"owner"}
+        mine = [e for e in events if e.daemon == second_daemon and e.kind == ev.STATE]
+        # the loops are restored after fit start: the resumed start's "training" does not claim step 0, epoch 0
+        training = next(e for e in mine if e.data["state"] == "training")
+        assert (training.step, training.epoch) == (None, None)
+        assert registry.read_record("owner").phase == mine[-1].data["phase"]
 
 
 def test_cli_validate_plan_and_foreground_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -125,6 +138,16 @@ def test_cli_validate_plan_and_foreground_run(tmp_path: Path, monkeypatch: pytes
         assert long.returncode == 0, long.stderr
         assert "a run of 2,500,000 steps: MIN and MAX are read every 125th step" in long.stdout
         assert "    2     4-499 20000-2499999" in long.stdout
+        # start epochs that no run could have: one line saying why, no traceback, nothing planned
+        for bad, reason in (("1=x", "expects PHASE=EPOCH[,...] with integers, got '1=x'"),
+                            ("1=-4", "phase 1 cannot start at epoch -4: the earliest is epoch 1"),
+                            ("5=3", "phase 5 cannot be given a start epoch: the schedule has phases 0..2"),
+                            ("2=3,1=6", "phase 2 would start at epoch 3, not after phase 1 (epoch 6)")):
+            refused = fts("plan", str(cfg), "--transition-epochs", bad, cwd=tmp_path)
+            assert refused.returncode == 1 and reason in refused.stderr, refused.stderr
+            assert "Traceback" not in refused.stderr and "PHASE" not in refused.stdout
+        zero = fts("plan", str(cfg), "--steps-per-epoch", "0", cwd=tmp_path)
+        assert zero.returncode == 2 and "--steps-per-epoch: must be at least 1, got 0" in zero.stderr
         # foreground, at full speed, with a LightningCLI override passed through
         run = fts("start", "--config", str(cfg), "--run", "fg", "--no-progress", "--trainer.max_epochs=3",
                   "--transport", "tcp", cwd=tmp_path)
