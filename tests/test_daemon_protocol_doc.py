@@ -36,12 +36,18 @@ def test_the_documented_client_follows_a_run_and_queues_an_edit(tmp_path: Path, 
         pub, ctl = bus.start()
         registry.write_record(registry.RunRecord(run="doc", pid=os.getpid(), daemon=bus.daemon, run_dir=str(tmp_path),
                                                  pub=pub, ctl=ctl))
-        bus.publish(ev.STATE, {"state": "training", "error": None})
+        bus.publish(ev.STATE, {"state": "starting", "error": None})
         path = tmp_path / "client.py"
         path.write_text(script)
         proc = subprocess.Popen([sys.executable, str(path), "doc"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, env=os.environ.copy())
+                                text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
+            # a daemon refuses edits while it is starting: the client, having read its snapshot, waits for training
+            first = proc.stdout.readline() if proc.stdout else ""
+            assert first.startswith("run doc state starting"), first
+            time.sleep(0.5)
+            assert not queued and proc.poll() is None
+            bus.publish(ev.STATE, {"state": "training", "error": None})
             wait_for(lambda: queued, timeout=30)
             step = 0
             while proc.poll() is None and step < 2000:  # keep the stream going until the client has seen the end
@@ -57,5 +63,5 @@ def test_the_documented_client_follows_a_run_and_queues_an_edit(tmp_path: Path, 
             bus.close()
     assert proc.returncode == 0, err
     assert queued == [{"phase": 2, "changes": {"lr": 1e-4}}]
-    assert "run doc state " in out and "queued e1" in out
+    assert "queued e1" in out
     assert "fts.v1.lr" in out and "fts.v1.state" in out
