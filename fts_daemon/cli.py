@@ -110,7 +110,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _check_finite(value: Any, where: str) -> None:
     """JSON cannot carry NaN or infinity: sent anyway they arrive as null, which *removes* a key. Refuse them."""
     if isinstance(value, float) and not math.isfinite(value):
-        raise SystemExit(f"fts-daemon: {where} = {value}: not a finite number")
+        raise SystemExit(f"fts-daemon: edit refused: {where} = {value}: not a finite number")
     if isinstance(value, dict):
         for key, item in value.items():
             _check_finite(item, f"{where}.{key}")
@@ -138,6 +138,8 @@ def _control(record: registry.RunRecord, timeout: float = 5.0) -> Control:
 
 
 def _find(run: str | None) -> registry.RunRecord:
+    if run is not None and not run.strip():  # an empty name would otherwise mean "the newest live run"
+        raise SystemExit("fts-daemon: the run name is empty (leave it out for the newest live run)")
     try:
         return registry.find_run(run)
     except registry.RegistryError as err:
@@ -328,7 +330,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         _out(info)
         return 0
-    print(f"run {info['run']}: {info['state']} (phase {info['phase']}, epoch {info['epoch']}, step {info['step']})")
+    def shown(value: Any) -> str:
+        return "–" if value is None else str(value)
+
+    print(f"run {info['run']}: {info['state']} (phase {shown(info['phase'])}, epoch {shown(info['epoch'])}, "
+          f"step {shown(info['step'])})")
     print(f"  pid {info['pid']}{'' if info['alive'] else ' (not running)'}, daemon {info['daemon']}")
     print(f"  run dir : {info['run_dir']}\n  events  : {info['pub']}\n  control : {info['ctl']}")
     for line in _end_lines(info):
@@ -403,7 +409,7 @@ def _init_block(class_path: str | None, pairs: list[str] | None, flag: str) -> d
     return out
 
 
-def _changes_from_args(args: argparse.Namespace) -> dict[str, Any]:
+def _changes_from_args(args: argparse.Namespace, where: str = "changes") -> dict[str, Any]:
     changes: dict[str, Any] = {}
     if args.changes:
         try:
@@ -436,12 +442,16 @@ def _changes_from_args(args: argparse.Namespace) -> dict[str, Any]:
     opt = _init_block(args.optimizer, args.optimizer_arg, "--optimizer-arg")
     if opt:
         changes["new_optimizer"] = {"optimizer_init": opt}
-    _check_finite(changes, "changes")
+    _check_finite(changes, where)
     return changes
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
     record = _find(args.run)
+    if not record.alive:  # nothing would answer: say so now rather than after the request times out
+        print(f"fts-daemon: run {record.run} is not running (state {record.live_state}); edits go to a live run",
+              file=sys.stderr)
+        return 1
     try:
         with _control(record) as ctl:
             if args.list:
@@ -459,7 +469,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
                 return 0
             if args.phase is None:
                 raise SystemExit("fts-daemon: edit needs --phase N (or --list / --cancel ID)")
-            changes = _changes_from_args(args)
+            where = f"phase {args.phase}: changes"
+            changes = _changes_from_args(args, where)
             if not changes:
                 raise SystemExit("fts-daemon: nothing to change (give --lr, --scheduler, --changes JSON, ...)")
             result = ctl.request("queue_edit", phase=args.phase, changes=changes)
@@ -491,7 +502,10 @@ def cmd_validate(args: argparse.Namespace, passthrough: list[str]) -> int:
         for p in result.problems:
             print(f"  {p}", file=sys.stderr)
         return 1
-    print(f"{', '.join(configs)}: OK ({len(result.phases)} phases, max_depth {result.max_depth})")
+    n = len(result.phases)
+    print(f"{', '.join(configs)}: OK ({n} phase{'s' if n != 1 else ''}, max_depth {result.max_depth})")
+    if result.schedule_file:  # a relative ft_schedule is looked up in the working directory first
+        print(f"  schedule: {result.schedule_file}")
     for phase in result.phases:
         labels = result.groups[phase["index"]] if phase["index"] < len(result.groups) else []
         sched = (phase.get("new_lr_scheduler") or {}).get("lr_scheduler_init", {}).get("class_path", "")

@@ -36,6 +36,7 @@ class CheckResult:
     phases: list[dict[str, Any]] = field(default_factory=list)  # the schedule payload's phases
     groups: list[list[str]] = field(default_factory=list)  # simulated group labels per phase
     max_depth: int | None = None
+    schedule_file: str | None = None  # the explicit schedule's file as resolved (None: inline or implicit)
     plan: dict[str, Any] | None = None
     table: list[dict[str, Any]] = field(default_factory=list)
 
@@ -143,6 +144,8 @@ def _check(
     result.phases = payload["phases"]
     result.groups = payload.get("groups", [])
     result.max_depth = payload.get("max_depth")
+    source = getattr(fts, "ft_schedule", None)
+    result.schedule_file = str(source) if isinstance(source, (str, os.PathLike)) else None
     if "plan" in captured:
         result.plan = captured["plan"].to_dict()
         result.table = captured["plan"].table()

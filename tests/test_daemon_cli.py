@@ -121,6 +121,11 @@ def test_cli_run_dir_is_one_daemons_and_keeps_its_run_id(tmp_path: Path, monkeyp
         training = next(e for e in mine if e.data["state"] == "training")
         assert (training.step, training.epoch) == (None, None)
         assert registry.read_record("owner").phase == mine[-1].data["phase"]
+        # asking an exited run for anything it would have to answer: said at once, not after a timeout
+        late = fts("edit", "owner", "--phase", "2", "--lr", "0.1", cwd=tmp_path, timeout=4)
+        assert late.returncode == 1 and "run owner is not running (state finished)" in late.stderr, late.stderr
+        empty = fts("status", "", cwd=tmp_path)
+        assert empty.returncode == 1 and "the run name is empty" in empty.stderr
 
 
 def test_cli_validate_plan_and_foreground_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -130,6 +135,9 @@ def test_cli_validate_plan_and_foreground_run(tmp_path: Path, monkeypatch: pytes
         broken[0]["params"] = ["model.klassifier.bias"]
         out = fts("validate", str(write_config(tmp_path / "bad", broken)), cwd=tmp_path)
         assert out.returncode == 1 and "model.klassifier.bias" in out.stderr and "matches no parameter" in out.stderr
+        good = fts("validate", str(cfg), cwd=tmp_path)
+        assert good.returncode == 0 and ": OK (3 phases, max_depth 2)" in good.stdout, good.stderr
+        assert "  schedule: /" in good.stdout  # which file a relative ft_schedule resolved to
         plan = fts("plan", str(cfg), "--json", cwd=tmp_path)
         assert plan.returncode == 0, plan.stderr
         assert [s["phase"] for s in json.loads(plan.stdout)["plan"]["phase_starts"]] == [0, 1, 2]
@@ -223,6 +231,9 @@ def test_edit_flags_become_typed_changes() -> None:
     nan = build_parser().parse_args(["edit", "r", "--phase", "2", "--init-pg-lrs", "nan"])
     with pytest.raises(SystemExit, match="finite"):
         _changes_from_args(nan)
+    lr_nan = build_parser().parse_args(["edit", "r", "--phase", "2", "--lr", "nan"])
+    with pytest.raises(SystemExit, match=r"^fts-daemon: edit refused: phase 2: changes.lr = nan: not a finite number$"):
+        _changes_from_args(lr_nan, "phase 2: changes")
 
 
 def test_start_checkpoint_every_flag() -> None:
