@@ -3,7 +3,8 @@
 Both build the run exactly as ``start`` would (same LightningCLI parsing and instantiation) and call ``fit`` with a
 callback placed after the FinetuningScheduler that stops in ``on_fit_start``: by then the schedule was parsed,
 resolved, validated with simulated group counts and dry-run instantiation (``setup``), and checked against the real
-optimizer (phase-0 groups, supported scheduler, one optimizer). No dataloader has been iterated.
+optimizer (phase-0 groups, supported scheduler, one optimizer); then the module's own schedulers are stepped as a
+dry run (``initial_scheduler_problems``). No dataloader has been iterated.
 """
 
 from __future__ import annotations
@@ -26,6 +27,35 @@ QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--tra
 
 class _Checked(Exception):
     """Raised from on_fit_start to leave ``fit`` once everything has been checked."""
+
+
+def initial_scheduler_problems(trainer: Any) -> list[str]:
+    """Step the schedulers ``configure_optimizers`` built, as a dry run would, and say where one fails or sets a
+    learning rate that is not a finite number >= 0 (a module's own arguments are not in the schedule, and a wrong
+    one, e.g. ``total_iters: abc``, builds fine and fails at the first step). Only for runs that are thrown away:
+    it moves the real schedulers and learning rates."""
+    from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+    from fts_daemon.reinit import DRY_RUN_STEPS
+
+    problems = []
+    for config in getattr(trainer, "lr_scheduler_configs", []):
+        sched = config.scheduler
+        name = type(sched).__name__
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # stepping a scheduler before its optimizer: intended here
+                for step in range(1, DRY_RUN_STEPS + 1):
+                    sched.step(1.0) if isinstance(sched, ReduceLROnPlateau) else sched.step()
+                    bad = [(i, g["lr"]) for i, g in enumerate(sched.optimizer.param_groups)
+                           if not (isinstance(g["lr"], (int, float)) and math.isfinite(g["lr"]) and g["lr"] >= 0)]
+                    if bad:
+                        problems.append(f"the module's scheduler {name} sets group {bad[0][0]}'s lr to "
+                                        f"{bad[0][1]!r} at step {step}")
+                        break
+        except TypeError as err:  # a value of the wrong type; other errors (OneCycleLR past total_steps) are not
+            problems.append(f"the module's scheduler {name} fails at step {step}: {one_line(err)}")
+    return problems
 
 
 @dataclass
@@ -108,6 +138,7 @@ def _check(
                 # them (each phase's first and last among them): a run of 125M steps held ~10 GB
                 points = None if steps * epochs <= CLI_FULL_PLAN_STEPS else CLI_PLAN_POINTS
                 captured["plan"] = fts.plan(steps, epochs, transition_epochs=transition_epochs, max_points=points)
+            captured["initial"] = initial_scheduler_problems(trainer)  # last: it moves the real schedulers
             raise _Checked()
 
     with tempfile.TemporaryDirectory(prefix="fts-validate-") as tmp:
@@ -137,6 +168,9 @@ def _check(
     fts = captured.get("fts")
     if fts is None:
         result.problems = ["the run never reached fit start (nothing was checked)"]
+        return result
+    if captured.get("initial"):
+        result.problems = captured["initial"]
         return result
     payload = fts.schedule_payload()
     result.ok = True

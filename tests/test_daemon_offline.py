@@ -77,3 +77,19 @@ def test_missing_config_and_missing_callback(tmp_path: Path) -> None:
     path = tmp_path / "nofts.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert "no fts_daemon.FinetuningScheduler" in check_config([path]).problems[0]
+
+
+def test_the_modules_own_scheduler_is_stepped_too(tmp_path: Path) -> None:
+    """Its arguments are not in the schedule; a wrong one builds and fails at the first step of the run."""
+    cfg = yaml.safe_load(write_config(tmp_path).read_text())
+    init = cfg["model"]["init_args"]["lr_scheduler_init"]
+    assert init["class_path"] == "torch.optim.lr_scheduler.LinearLR"
+    init["init_args"]["total_iters"] = "abc"
+    path = tmp_path / "bad_module_scheduler.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = check_config([path])
+    assert result.problems == ["the module's scheduler LinearLR fails at step 1: '>' not supported between instances "
+                               "of 'int' and 'str'"]
+    # and the shipped one passes, plan included (the dry run comes after the plan, which it would move)
+    ok = check_config([write_config(tmp_path, name="fine")], plan=True)
+    assert ok.ok and ok.plan is not None and ok.schedule_file is not None
