@@ -512,6 +512,7 @@ def resolve_params(
     known = set(param_names)
     owner: dict[str, int] = {}
     overlaps: dict[str, list[int]] = {}
+    via: dict[tuple[int, str], str] = {}  # (phase, parameter) -> the params entry that named it
     for phase in schedule.phases:
         resolved: list[str] = []
         for pattern in phase.params:
@@ -537,6 +538,7 @@ def resolve_params(
                 if name in resolved:
                     continue
                 resolved.append(name)
+                via[(phase.index, name)] = pattern
         for name in resolved:
             if name in owner and owner[name] != phase.index:
                 overlaps.setdefault(name, [owner[name]]).append(phase.index)
@@ -545,10 +547,17 @@ def resolve_params(
         # keep the model's registration order: it fixes the order of parameters inside a group
         order = {n: i for i, n in enumerate(param_names)}
         phase.resolved = sorted(resolved, key=lambda n: order[n])
+    # one line per clash of entries (a regex may take dozens of parameters that an earlier phase holds)
+    clashes: dict[tuple[tuple[int, ...], tuple[str, ...]], list[str]] = {}
     for name, phases in overlaps.items():
+        clashes.setdefault((tuple(phases), tuple(via[(p, name)] for p in phases)), []).append(name)
+    for (phases, entries), names in clashes.items():
+        by = " and ".join(f"{e!r} in phase {p}" for p, e in zip(phases, entries))
+        what = "parameter is" if len(names) == 1 else f"{len(names)} parameters are"
         problems.append(
-            problem(f"parameter is scheduled in more than one phase ({', '.join(map(str, phases))}); phases must be disjoint",
-                    phases[-1], "params", name)
+            problem(f"{what} scheduled in more than one phase ({', '.join(map(str, phases))}), by {by}; phases must "
+                    "be disjoint", phases[-1], "params",
+                    names[0] if len(names) == 1 else names if len(names) <= 4 else [*names[:3], f"… {len(names) - 3} more"])
         )
     if problems:
         raise ScheduleError(problems)

@@ -53,6 +53,8 @@ def write(tmp_path: Any, name: str, data: bytes) -> str:
 CASES: list[tuple[str, Any, str]] = [
     ("unmatched-param", {"ft_schedule": with_phase(1, params=["nope.*"])}, "phase 1: params = 'nope.*': matches no parameter"),
     ("overlap", {"ft_schedule": with_phase(2, params=["layer.4.*"])}, "more than one phase (1, 2)"),
+    # the entries that clash, not only the parameters; one line for all that one regex takes from another phase
+    ("overlap-names-entries", {"ft_schedule": with_phase(2, params=["layer.[46].*"])}, "2 parameters are scheduled in more than one phase (1, 2), by 'layer.4.*' in phase 1 and 'layer.[46].*' in phase 2"),
     ("bad-regex", {"ft_schedule": with_phase(1, params=["layer.["])}, "phase 1: params = 'layer.[': invalid regex"),
     ("unknown-phase-key", {"ft_schedule": with_phase(1, lrr=1e-4)}, "phase 1: lrr: unknown key"),
     ("non-int-phase-key", {"ft_schedule": {"zero": {"params": ["layer.6.*"]}}}, "phase key 'zero': phase keys must be integers"),
