@@ -151,6 +151,49 @@ def _check_config_yaml(path: str | os.PathLike[str]) -> None:
                                     for p in err.problems)) from None
 
 
+_PARSER_KEY = re.compile(r'^Parser key "([^"]+)":\s*$')
+_EXPECTED = re.compile(r"^Expected a <class '([^']+)'>$")
+
+
+def summarize_parser_error(message: str) -> str:
+    """jsonargparse's report on one bad key (a dozen lines: the Union's subtypes, one error per subtype, the whole
+    given value) as one line: the key, and what was wrong with it. Anything else comes back unchanged."""
+    lines = message.strip().splitlines()
+    head = _PARSER_KEY.match(lines[0].strip()) if lines else None
+    if head is None:
+        return message
+    errors: list[list[str]] = []
+    given = None
+    in_errors = False
+    bullet = None  # indentation of the top-level error bullets; deeper lines continue the error above
+    for raw in lines[1:]:
+        line, indent = raw.strip(), len(raw) - len(raw.lstrip())
+        if line.startswith("Given value:"):
+            given, in_errors = line.removeprefix("Given value:").strip(), False
+        elif line.startswith("Errors:"):
+            in_errors = True
+        elif in_errors and line.startswith("- ") and (bullet is None or indent <= bullet):
+            bullet = indent
+            errors.append([line[2:].strip()])
+        elif in_errors and errors and line and not line.startswith(("Given value type:", "Subtypes:")):
+            errors[-1].append(line)
+    texts = [": ".join(part.rstrip(":") for part in e) for e in errors]
+    # the Optional branch ("Expected a <class 'NoneType'>") says nothing when another branch says what went wrong
+    # and neither does a list's "not a valid subclass" branch beside a class whose own arguments were refused
+    meaningful = [t for t in texts if t != "Expected a <class 'NoneType'>"]
+    specific = [t for t in meaningful if not t.startswith("Not a valid subclass of")]
+    meaningful = specific or meaningful
+    expected = [m.group(1) for t in meaningful if (m := _EXPECTED.match(t))]
+    key = head.group(1)
+    if meaningful and len(expected) == len(meaningful):
+        nullable = len(meaningful) < len(texts)
+        shown = given if given is not None and len(given) <= 60 else "the value given"
+        return f"{key} = {shown}: expected {' or '.join(expected)}" + (" (or null)" if nullable else "")
+    if meaningful:
+        return f"{key}: " + "; ".join(meaningful)
+    return f"{key}: " + " ".join(line.strip() for line in lines[1:] if not line.strip().startswith("Given value"))
+
+
 def build_from_config(
     configs: Sequence[str | os.PathLike[str]],
     overrides: Sequence[str] = (),
@@ -186,7 +229,7 @@ def build_from_config(
     except SystemExit as err:  # jsonargparse still exits on --help and some errors
         raise ConfigError(f"config error (exit {err.code})") from None
     except Exception as err:
-        msg = str(err).strip() or type(err).__name__
+        msg = summarize_parser_error(str(err).strip() or type(err).__name__)
         if any("finetuning_scheduler." in Path(c).read_text(encoding="utf-8", errors="replace") for c in configs):
             msg += f"\n{_UPSTREAM_HINT}"
         raise ConfigError(msg) from None

@@ -93,3 +93,30 @@ def test_the_modules_own_scheduler_is_stepped_too(tmp_path: Path) -> None:
     # and the shipped one passes, plan included (the dry run comes after the plan, which it would move)
     ok = check_config([write_config(tmp_path, name="fine")], plan=True)
     assert ok.ok and ok.plan is not None and ok.schedule_file is not None
+
+
+def test_parser_errors_are_one_line_each(tmp_path: Path) -> None:
+    """jsonargparse reports one bad key in a dozen lines (each Union branch, the whole given value): one line here."""
+    base = yaml.safe_load(write_config(tmp_path).read_text())
+    cases = [
+        (("trainer", "max_epochs"), "abc", "trainer.max_epochs = abc: expected int (or null)"),
+        (("model", "init_args", "bogus_arg"), 1,
+         "model: Problem with given class_path 'fts_daemon.examples.tiny.TinyClassifier': Option 'bogus_arg' is not "
+         "accepted"),
+    ]
+    for (i, (keys, value, expected)) in enumerate(cases):
+        cfg = yaml.safe_load(yaml.safe_dump(base))
+        node = cfg
+        for key in keys[:-1]:
+            node = node[key]
+        node[keys[-1]] = value
+        path = tmp_path / f"parser{i}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        assert check_config([path]).problems == [expected]
+    cfg = yaml.safe_load(yaml.safe_dump(base))
+    cfg["trainer"]["callbacks"][0]["init_args"]["max_depth"] = "x"
+    path = tmp_path / "parser-callback.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    (problem,) = check_config([path]).problems
+    assert problem.startswith("trainer.callbacks: Problem with given class_path 'fts_daemon.FinetuningScheduler': ")
+    assert "max_depth" in problem and "Not a valid subclass" not in problem
