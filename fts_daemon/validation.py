@@ -193,6 +193,16 @@ def validate_schedule(schedule: Schedule, opts: ValidationOptions) -> Validation
             # implicit configs are the same at every phase: report their problems once
             if problems:
                 break
+    # FTS notes this too: the phase starts once the earlier limit is reached and its own is already behind it
+    mark = -1
+    for phase in schedule.phases[:-1]:  # the last phase's limit is max_epochs' business (warned about elsewhere)
+        limit = phase.max_transition_epoch
+        if 0 <= limit <= mark:
+            report.warnings.append(
+                f"phase {phase.index}: max_transition_epoch {limit} is not after an earlier phase's ({mark}): "
+                "the phase ends after its first epoch"
+            )
+        mark = max(mark, limit)
     if opts.epoch_transitions_only:
         missing = [str(p.index) for p in schedule.phases if p.max_transition_epoch < 0]
         if missing:

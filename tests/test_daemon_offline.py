@@ -120,3 +120,13 @@ def test_parser_errors_are_one_line_each(tmp_path: Path) -> None:
     (problem,) = check_config([path]).problems
     assert problem.startswith("trainer.callbacks: Problem with given class_path 'fts_daemon.FinetuningScheduler': ")
     assert "max_depth" in problem and "Not a valid subclass" not in problem
+
+
+def test_a_limit_behind_an_earlier_one_is_warned_about(tmp_path: Path) -> None:
+    sched = {k: dict(v) for k, v in SCHEDULE.items()}
+    sched[1]["max_transition_epoch"] = 1  # phase 0 runs to epoch 2
+    result = check_config([write_config(tmp_path, sched, name="behind")])
+    assert result.ok
+    assert ("phase 1: max_transition_epoch 1 is not after an earlier phase's (2): the phase ends after its first "
+            "epoch") in result.warnings
+    assert not any("max_transition_epoch" in w for w in check_config([write_config(tmp_path)]).warnings)
