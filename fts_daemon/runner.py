@@ -650,8 +650,8 @@ class Daemon:
         return self._edit_op(lambda q: q.queue(args.get("phase"), args.get("changes")))
 
     def _op_plan(self, args: dict[str, Any]) -> Any:
-        from fts_daemon.planner import PlanError  # torch: loaded by then; kept out of this module's imports
-
+        # nothing is imported here: this runs on the ops thread, and an import racing the main thread's imports of
+        # Lightning at start-up ends in importlib's _DeadlockError (a TUI asks for a plan as soon as it connects)
         fts = self.tap.fts if self.tap is not None else None
         if fts is None or getattr(fts, "initial_setup", None) is None:
             raise OpError("no plan yet: the run has not started training (or was resumed, which has no phase-0 copy)")
@@ -672,7 +672,8 @@ class Daemon:
         try:
             plan = fts.plan(schedule=schedule, transition_epochs=transition_epochs, max_points=max_steps,
                             max_steps=PLAN_HORIZON_STEPS, pause=_Yield())
-        except (RuntimeError, PlanError) as err:  # e.g. asked before the train loader exists: an answer, not a crash
+        except (RuntimeError, ValueError) as err:  # e.g. before the train loader exists, or impossible start epochs
+            # (planner.PlanError is a ValueError): an answer, not a crash
             raise OpError(str(err)) from None
         return plan.sampled(max_steps)[0].to_dict()
 

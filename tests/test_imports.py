@@ -26,3 +26,28 @@ def test_package_exports_callbacks() -> None:
 
     assert {"FinetuningScheduler", "FTSEarlyStopping", "FTSCheckpoint"} <= set(fts_daemon.__all__)
     assert fts_daemon.FinetuningScheduler.__name__ == "FinetuningScheduler"
+
+
+def test_control_ops_answered_before_training_import_nothing() -> None:
+    """The ops thread answers a TUI's `plan`, `queue_edit` and `cancel_edit` while the main thread is still importing
+    Lightning; an import there can end in importlib's _DeadlockError (seen: a resume failing 3 times in 12 with a
+    TUI attached). Before training, those answers must not import a module."""
+    code = """
+import sys
+from pathlib import Path
+from fts_daemon.bus import OpError
+from fts_daemon.edits import EditQueue, Journal
+from fts_daemon.runner import Daemon, StartOptions
+daemon = Daemon(StartOptions(configs=[], run="x"))
+daemon.edits = EditQueue(Journal(Path("/nonexistent/edits.jsonl")), lambda *a, **k: None)
+before = set(sys.modules)
+for op, args in ((daemon._op_plan, {}), (daemon._op_queue_edit, {"phase": 2, "changes": {"lr": 0.1}}),
+                 (lambda a: daemon._edit_op(lambda q: q.cancel("e1")), {})):
+    try:
+        op(args)
+    except OpError:
+        pass
+new = sorted(set(sys.modules) - before)
+assert not new, new
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
