@@ -325,9 +325,10 @@ class EditQueue:
                     later = same[same.index(edit) + 1:]
                     # name the later edits whose removal alongside it would do; all of them if none alone would
                     culprits = [e.id for e in later if self._validates(self._pending_without({edit.id, e.id}))]
-                    hint = f"; cancel {', '.join(culprits or [e.id for e in later])} first" if later else ""
-                    raise EditError(f"edit {edit.id} cannot be cancelled alone: the queued edits left would not "
-                                    f"validate ({err}){hint}") from None
+                    # what to do first, then why: a narrow client line shows the beginning
+                    todo = f"cancel {', '.join(culprits or [e.id for e in later])} first: " if later else ""
+                    raise EditError(f"edit {edit.id} cannot be cancelled alone; {todo}the queued edits left would "
+                                    f"not validate ({err})") from None
             self._set_status(edit, "cancelled")
             record = edit.to_dict()
         self._publish_schedule()

@@ -132,6 +132,19 @@ def snapshot_args(hello: dict[str, Any]) -> dict[str, Any]:
     return {"series": "packed"} if isinstance(offered, list) and "packed" in offered else {}
 
 
+def _ended_note(record: Any) -> str:
+    """What to do about a run whose daemon has exited: resume it if a stop left a checkpoint, else replay it."""
+    from fts_daemon.history import final_state  # torch-free, like the registry
+
+    end: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        end = final_state(record.run_dir) or {}
+    if end.get("reason") == "stopped" and end.get("checkpoint"):
+        return (f"run stopped; its daemon has exited: `fts-daemon start --resume --run-dir {record.run_dir}` "
+                "continues it")
+    return f"run {record.live_state}; its daemon has exited: `fts-tui replay {record.run_dir}` shows the run"
+
+
 class LiveSource:
     """Keeps a :class:`RunState` in step with a daemon; see the module docstring."""
 
@@ -269,6 +282,8 @@ class LiveSource:
         """Send ``op``; return its result, or raise :class:`RequestError` (the daemon's reason, or a timeout)."""
         if self._dealer is None:
             raise RequestError("not connected to the daemon")
+        if op != "hello" and self.state.connection in ("lost", "ended"):  # hello is how a reconnect asks
+            raise RequestError(f"not connected to the daemon (connection {self.state.connection})")
         timeout = self.request_timeout if timeout is None else timeout
         req_id = f"{self._prefix}-{next(self._ids)}"
         fut: asyncio.Future[tuple[bool, Any]] = asyncio.get_running_loop().create_future()
@@ -279,8 +294,16 @@ class LiveSource:
             raise RequestError(f"no reply to {op} within {timeout:g}s") from None
         except zmq.ZMQError as err:
             raise RequestError(f"{op}: {err}") from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # our caller is being cancelled: let it be
+                raise
+            # the socket was closed under a send waiting for a peer (the daemon went away): an answer, not a cancel
+            raise RequestError(f"{op}: the connection to the daemon was lost") from None
         finally:
             self._pending.pop(req_id, None)
+            if fut.done() and not fut.cancelled():
+                fut.exception()  # retrieved: a reset that no one awaited is no "never retrieved" warning
         if not ok:
             raise RequestError(str(payload))
         return payload
@@ -330,8 +353,7 @@ class LiveSource:
                 # asking, in case `fts-daemon start --resume` brings the run back
                 if self.state.last_heard is None:  # nothing heard from it: its state is the registry's
                     self.state.status = record.live_state
-                self.state.set_connection("ended", f"run {record.live_state}; its daemon has exited: "
-                                                   f"`fts-tui replay {record.run_dir}` shows the run")
+                self.state.set_connection("ended", _ended_note(record))
             elif self.state.connection not in ("lost", "ended") and self.state.last_heard is not None:
                 self.state.set_connection("lost")
             self._close_dealer()  # a fresh DEALER: no stale requests queued to a dead peer

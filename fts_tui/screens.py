@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from dataclasses import replace
 
 from textual import work
@@ -138,7 +140,9 @@ class EditsScreen(ModalScreen[None]):
         try:
             result = await self.source.request("cancel_edit", edit_id=edit_id)
         except RequestError as err:
+            # the whole reason (it may end with what to cancel first), and into the event log like a refused send
             self.query_one("#edits-status", Static).update(f"cancel {edit_id} refused: {err}")
+            self.source.state.add_log("warning", "edit", f"cancel {edit_id} refused: {err}", time.time())
             return
         record = result.get("edit", result) if isinstance(result, dict) else None
         if isinstance(record, dict) and record.get("id") is not None:  # the daemon answers with the edit record

@@ -78,7 +78,9 @@ def header_lines(state: RunState, now: float, source: str, throttled: float | No
     configs = config_names(state.info.get("config"))
     if configs:
         first += [(" ", ""), (f"({configs})", "dim")]
-    first += [("  ● ", STATUS_STYLE.get(state.status, "")), (state.status, STATUS_STYLE.get(state.status, ""))]
+    # a stopped run ended "finished" with reason "stopped": it is the one a user may resume
+    status = "stopped" if state.status == "finished" and state.end_reason == "stopped" else state.status
+    first += [("  ● ", STATUS_STYLE.get(state.status, "")), (status, STATUS_STYLE.get(state.status, ""))]
     if state.phases:
         top = state.max_depth if state.max_depth is not None else state.n_phases - 1
         first += [("  phase ", "dim"), (f"{state.phase}/{top}", "bold")]

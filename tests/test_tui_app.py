@@ -41,6 +41,7 @@ class FakeDaemon:
     def __init__(self, state: RunState) -> None:
         self.state = state
         self.next_id = 3
+        self.refuse_cancel = ""  # the daemon's reason, when it refuses a cancel
 
     def __call__(self, op: str, args: dict[str, Any]) -> Any:
         if op == "plan":
@@ -54,6 +55,8 @@ class FakeDaemon:
             self.next_id += 1
             return copy.deepcopy(edit)
         if op == "cancel_edit":
+            if self.refuse_cancel:
+                raise RequestError(self.refuse_cancel)
             edit = self.state.edits[args["edit_id"]]
             return {**edit.__dict__, "status": "cancelled"}  # fts-daemon answers with the edit record
         if op == "list_edits":
@@ -299,6 +302,26 @@ async def test_current_and_past_phases_are_not_editable() -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_refused_cancel_shows_the_whole_reason() -> None:
+    app, source = live_app()
+    reason = ("edit e1 cannot be cancelled alone; cancel e9 first: the queued edits left would not validate (phase 3: "
+              "new_lr_scheduler.lr_scheduler_init.init_args = {'T_0': 3, 'T_mult': 2, 'eta_min': 1e-05, 'gamma': "
+              "0.3}: CosineAnnealingWarmRestarts.__init__() got an unexpected keyword argument 'gamma')")
+    source.handler.refuse_cancel = reason
+    async with app.run_test(size=(100, 30), notifications=True) as pilot:
+        await pilot.press("p")
+        await pilot.pause()
+        await pilot.press("c")
+        await pilot.pause(0.2)
+        status = app.screen.query_one("#edits-status")
+        shown = "".join(strip.text for strip in status.render_lines(status.region.reset_offset))
+        assert "cancel e9 first" in shown and shown.rstrip().endswith("argument 'gamma')"), shown
+        assert status.region.height > 1
+        assert source.state.edits["e1"].status == "queued"
+        assert any(f"cancel e1 refused: {reason}" == e.text for e in source.state.log)
+
+
+@pytest.mark.asyncio
 async def test_cancel_a_pending_edit() -> None:
     app, source = live_app()
     async with app.run_test(size=SIZE, notifications=True) as pilot:
@@ -466,3 +489,29 @@ async def test_on_a_busy_host_the_cpu_budget_spaces_frames_but_keys_still_draw_a
             assert app.lr_chart.border_title != title
     assert frames["None"] >= 10
     assert 1 <= frames["0.0001"] <= 3
+
+
+@pytest.mark.asyncio
+async def test_on_a_small_terminal_the_focused_field_scrolls_into_view() -> None:
+    app, _ = live_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        await pilot.press("down", "e")
+        await pilot.pause()
+        form = app.screen
+        assert isinstance(form, EditForm)
+        params = form.query_one("#edit-params", TextArea)
+        fields = form.query_one("#edit-fields")
+        for _ in range(12):  # tab through the fields until params has the focus
+            if form.focused is params:
+                break
+            await pilot.press("tab")
+            await pilot.pause()
+        assert form.focused is params
+        await pilot.pause(0.3)  # the scroll animates
+        visible = fields.content_region
+        assert params.region.height > 0 and visible.contains_region(params.region.intersection(visible))
+        assert params.region.y < visible.bottom and params.region.bottom > visible.y, (params.region, visible)
+        await pilot.press("z", "z")
+        await pilot.pause()
+        assert "zz" in params.text

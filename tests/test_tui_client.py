@@ -381,3 +381,21 @@ async def test_a_plan_in_the_making_is_shown_as_such() -> None:
     finally:
         release.set()
         b.close()
+
+
+@pytest.mark.asyncio
+async def test_a_request_to_a_daemon_that_went_away_is_refused_not_left_hanging() -> None:
+    """The edit form waited on "sending…" forever: the closed socket cancelled the send, a CancelledError it did not
+    expect. Now a RequestError, first as the connection is lost, then at once while it stays lost."""
+    bus = start_bus()
+    publish(bus, EVENTS[:50])
+    async with following(LiveSource(Target(ctl=bus.endpoints[1]), heartbeat_timeout=1.0, request_timeout=5.0)) as source:
+        bus.close()
+        with pytest.raises(RequestError, match="the connection to the daemon was lost|not connected"):
+            await asyncio.wait_for(source.request("queue_edit", phase=3, changes={"lr": 1e-5}), 10)
+        await until(lambda: source.state.connection == "lost", timeout=10)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with pytest.raises(RequestError, match=r"not connected to the daemon \(connection lost\)"):
+            await source.request("queue_edit", phase=3, changes={"lr": 1e-5})
+        assert loop.time() - t0 < 0.5

@@ -563,3 +563,18 @@ def test_a_long_plan_is_drawn_from_a_bounded_copy_that_keeps_its_extremes() -> N
     # a short plan is drawn point for point
     short = PlanData.from_dict({"steps": [0, 1, 2], "series": {"pg1": [1e-3, 2e-3, 3e-3]}})
     assert short.chart_series() == {"pg1": ([0.0, 1.0, 2.0], [1e-3, 2e-3, 3e-3])}
+
+
+def test_a_stopped_run_says_stopped_in_the_header() -> None:
+    import dataclasses
+
+    events = build_run()
+    stopped = dataclasses.replace(events[-1], data={**events[-1].data, "reason": "stopped",
+                                                     "checkpoint": "/runs/x/checkpoints/stop.ckpt"})
+    s = RunState()
+    s.load_events([*events[:-1], stopped])
+    assert s.status == "finished" and s.end_reason == "stopped"
+    assert "● stopped" in "".join(cell for cell, _ in header_lines(s, now=stopped.ts, source="live")[0])
+    done = RunState()
+    done.load_events(events)
+    assert "● finished" in "".join(cell for cell, _ in header_lines(done, now=stopped.ts, source="live")[0])

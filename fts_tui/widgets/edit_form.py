@@ -8,7 +8,7 @@ from typing import Any
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.timer import Timer
 from textual.widget import Widget
@@ -72,7 +72,7 @@ class EditForm(ModalScreen[EditInfo | None]):
         with Vertical(id="edit-dialog"):
             yield Label(f"Edit phase {self.phase} — pending, {when}", id="edit-title")
             with Horizontal(id="edit-body"):
-                with Vertical(id="edit-fields"):
+                with VerticalScroll(id="edit-fields"):  # on a small terminal, the focused field scrolls into view
                     yield _field("lr", Input(f.lr, id="edit-lr", compact=True, placeholder="lr for the groups this phase adds"))
                     yield _field("max_transition_epoch", Input(f.max_transition_epoch, id="edit-mte", compact=True, type="integer"))
                     yield _field("scheduler class", Select(options, value=f.scheduler, allow_blank=False, id="edit-class", compact=True))
@@ -209,6 +209,9 @@ class EditForm(ModalScreen[EditInfo | None]):
             result = await self.source.request("queue_edit", phase=self.phase, changes=changes)
         except RequestError as err:
             self.set_error(f"rejected: {err}")
+            return
+        except Exception as err:  # never leave the form saying "sending…" over an edit that went nowhere
+            self.set_error(f"not sent: {type(err).__name__}: {err}")
             return
         finally:
             self.sending = False
