@@ -28,7 +28,7 @@ session you can queue edits to phases that have not started; the daemon applies 
 | `↑` `↓` | choose a phase in the schedule |
 | `enter` | the phase in full: all params, scheduler, groups, edits |
 | `e` | edit the chosen phase (only phases that have not started) |
-| `p` | edits: pending, applied, cancelled, rejected; `c` cancels a pending one |
+| `p` | edits: pending, applied, cancelled, rejected at their transition; `c` cancels a pending one (a send the daemon refused at once is in the event log) |
 | `l` | LR chart: toggle log-y |
 | `t` | LR chart: toggle the planned trajectory (dotted) |
 | `m` | choose the metrics to chart |
@@ -41,8 +41,8 @@ session you can queue edits to phases that have not started; the daemon applies 
 
 In the edit form `ctrl+r` previews the planned LR curve with the edit, `ctrl+s` sends it, `esc` closes.
 
-**Header**: run, model, status, phase (current/last), epoch, step, steps/s (over the last 10 s; a finished
-run's average, marked *avg*); then the connection: *live*,
+**Header**: run, model, status (*stopped*: ended by `fts-daemon stop`, resumable), phase (current/last), epoch,
+step, steps/s (over the last 10 s; a finished run's average, marked *avg*); then the connection: *live*,
 *resyncing* (a gap in the event sequence or a restarted daemon: a fresh snapshot is on its way), *lost*
 (no heartbeat: it reconnects by itself when the daemon is back), *ended* (the run finished and its daemon exited),
 or *replay* (read-only).
