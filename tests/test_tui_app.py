@@ -515,3 +515,26 @@ async def test_on_a_small_terminal_the_focused_field_scrolls_into_view() -> None
         await pilot.press("z", "z")
         await pilot.pause()
         assert "zz" in params.text
+
+
+@pytest.mark.asyncio
+async def test_the_edit_form_notices_its_phase_starting() -> None:
+    app, source = live_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await pilot.press("down", "e")
+        await pilot.pause()
+        form = app.screen
+        assert isinstance(form, EditForm) and form.phase == 3 and not form.closed_reason
+        events = build_run()
+        start = next(i for i, e in enumerate(events) if e.kind == "transition" and e.data["to"] == 3)
+        source.feed(events[MID_RUN:start + 1])
+        await pilot.pause(0.5)  # the next frame
+        assert form.closed_reason.startswith("phase 3 has started: it can no longer be edited")
+        assert "phase 3 has started" in str(form.query_one("#edit-title").render())
+        sent = len(source.requests)
+        form.query_one("#edit-lr", Input).value = "1e-6"
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert len([r for r in source.requests[sent:] if r[0] == "queue_edit"]) == 0
+        assert form.last_error == form.closed_reason

@@ -25,7 +25,7 @@ from fts_tui.edits import (
     group_hint,
 )
 from fts_tui.source import PLAN_TIMEOUT_S, RequestError, Source
-from fts_tui.state import EditInfo, PlanData, changes_summary, plan_args
+from fts_tui.state import EditInfo, PlanData, RunState, changes_summary, plan_args
 from fts_tui.views import plan_preview_chart
 from fts_tui.widgets.chart import Chart
 
@@ -57,6 +57,7 @@ class EditForm(ModalScreen[EditInfo | None]):
         self.preview: PlanData | None = None
         self.last_error = ""
         self.sending = False
+        self.closed_reason = ""  # set once the phase has started or the run ended: nothing more can be sent
 
     # ------------------------------------------------------------------------------------------------ layout
 
@@ -116,7 +117,17 @@ class EditForm(ModalScreen[EditInfo | None]):
     def changes(self) -> dict[str, Any]:
         return build_changes(self.fields(), self.phase_info)
 
+    def update_from(self, state: RunState, dirty: set[str]) -> None:
+        """The app's redraw: say so at once if the phase starts (or the run ends) while the form is open."""
+        if self.closed_reason or state.editable(self.phase):
+            return
+        why = "the run has ended" if state.finished else f"phase {self.phase} has started"
+        self.closed_reason = f"{why}: it can no longer be edited (esc closes the form)"
+        self.query_one("#edit-title", Label).update(f"Edit phase {self.phase} — {why}")
+        self.set_error(self.closed_reason)
+
     def set_error(self, text: str) -> None:
+        text = text or self.closed_reason  # a field becoming valid does not hide that nothing can be sent
         self.last_error = text
         self.query_one("#edit-error", Static).update(text)
         self.query_one("#edit-error").set_class(bool(text), "-shown")
@@ -190,6 +201,9 @@ class EditForm(ModalScreen[EditInfo | None]):
     @on(Button.Pressed, "#edit-send")
     def action_send(self) -> None:
         if self.sending:
+            return
+        if self.closed_reason:
+            self.set_error(self.closed_reason)
             return
         try:
             changes = self.changes()
