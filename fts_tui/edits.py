@@ -85,6 +85,13 @@ def _load_yaml(text: str, what: str) -> Any:
     try:
         return yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError as err:
+        # PyYAML's first line is often only the context ("while parsing a flow sequence"): say what and where
+        problem = getattr(err, "problem", None)
+        mark = getattr(err, "problem_mark", None)
+        if problem:
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            problem = problem.replace("'<stream end>'", "the end")
+            raise FormError(f"{what}: invalid YAML: {problem}{where}") from None
         first = str(err).splitlines()[0] if str(err) else "invalid YAML"
         raise FormError(f"{what}: {first}") from None
 
