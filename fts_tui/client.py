@@ -296,7 +296,8 @@ class LiveSource:
             raise RequestError(f"{op}: {err}") from None
         except asyncio.CancelledError:
             task = asyncio.current_task()
-            if task is not None and task.cancelling():  # our caller is being cancelled: let it be
+            cancelling = getattr(task, "cancelling", None)  # Python 3.11+; on 3.10 a cancel cannot be told apart
+            if task is not None and (cancelling is None or cancelling()):  # our caller is being cancelled: let it be
                 raise
             # the socket was closed under a send waiting for a peer (the daemon went away): an answer, not a cancel
             raise RequestError(f"{op}: the connection to the daemon was lost") from None

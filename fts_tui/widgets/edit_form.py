@@ -227,6 +227,9 @@ class EditForm(ModalScreen[EditInfo | None]):
         except Exception as err:  # never leave the form saying "sending…" over an edit that went nowhere
             self.set_error(f"not sent: {type(err).__name__}: {err}")
             return
+        except asyncio.CancelledError:  # the form closing, or (Python 3.10) the connection lost under the send
+            self.set_error("not sent: the request was cancelled (connection lost?)")
+            raise
         finally:
             self.sending = False
         edit = EditInfo.from_dict((result or {}).get("edit", result) or {})
