@@ -22,6 +22,7 @@ import contextlib
 import errno
 import fcntl
 import functools
+import json
 import logging
 import os
 import re
@@ -49,6 +50,7 @@ EVENTS_FILE = "events.jsonl"
 JOURNAL_FILE = "edits.jsonl"
 EFFECTIVE_SCHEDULE_FILE = "schedule_effective.yaml"
 CONFIG_FILE = "config.yaml"
+MERGED_FROM = "# fts-daemon: merged from "  # config.yaml's first line: the configs of the run's first start (JSON)
 LOCK_FILE = ".fts-daemon.lock"  # held (flock) by the daemon writing the run dir
 CHECKPOINT_DIR = "checkpoints"
 # steps in a `plan` reply unless the request says otherwise (a longer run's plan is sampled; the reply says how)
@@ -620,7 +622,15 @@ class Daemon:
         bus.publish(ev.STATE, {"state": "starting", "error": None, "resume": opts.resume})
 
     def _config_paths(self) -> list[str]:
-        return [str(Path(c).resolve()) for c in self.options.configs]
+        """The configs this run was started with: a resume from the saved config.yaml reports those it merged."""
+        paths = [str(Path(c).resolve()) for c in self.options.configs]
+        if len(paths) == 1 and Path(paths[0]) == (self.run_dir / CONFIG_FILE).resolve():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                first = Path(paths[0]).read_text(encoding="utf-8").splitlines()[0]
+                named = json.loads(first.removeprefix(MERGED_FROM)) if first.startswith(MERGED_FROM) else None
+                if isinstance(named, list) and named and all(isinstance(p, str) for p in named):
+                    return named
+        return paths
 
     def _watch(self, event: ev.Event) -> None:
         # keep the registry's state/phase current for `fts-daemon runs` (I/O thread; only on rare events)
@@ -788,7 +798,8 @@ class Daemon:
         ]
         config_yaml = built.dump()
         if config_yaml:
-            (self.run_dir / CONFIG_FILE).write_text(config_yaml, encoding="utf-8")
+            origin = MERGED_FROM + json.dumps(self._config_paths()) + "\n"  # read before it is overwritten
+            (self.run_dir / CONFIG_FILE).write_text(origin + config_yaml, encoding="utf-8")
         return built
 
     def run(self) -> int:

@@ -112,6 +112,8 @@ def test_cli_run_dir_is_one_daemons_and_keeps_its_run_id(tmp_path: Path, monkeyp
         # resumed in phase 1, with no transition yet (phase 2 starts at step 16, ~2 s away): the registry knows
         record = registry.read_record("owner")
         assert record.phase == 1 and record.state == "training"
+        # resumed from its saved config.yaml, the run still names the config it was started with
+        assert record.config == [str(Path(cfg).resolve())]
         second_daemon = record.daemon
         assert fts("stop", "owner", cwd=tmp_path).returncode == 0
         events = read_events(run_dir / "events.jsonl")
