@@ -107,6 +107,8 @@ def resolve_target(
         if not matches:
             raise ResolveError(f"no registered run writes to {wanted} (use `fts-tui replay {target}` for a finished run)")
         out = _from_record(matches[-1].run)
+    elif target and ("/" in target or target.startswith((".", "~"))):  # meant as a run directory
+        raise ResolveError(f"no such run directory: {Path(target).expanduser()}")
     else:
         out = _from_record(target)
     if events:

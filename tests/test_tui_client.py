@@ -185,6 +185,8 @@ def test_resolve_target_from_the_registry(tmp_path: Path, monkeypatch: pytest.Mo
     assert (t.ctl, t.pub, t.run, t.server_key) == ("tcp://10.0.0.5:7001", "tcp://10.0.0.5:7000", None, None)
     with pytest.raises(ResolveError, match="no run named"):
         resolve_target("nope")
+    with pytest.raises(ResolveError, match=f"no such run directory: {tmp_path / 'gone'}"):
+        resolve_target(str(tmp_path / "gone"))  # a path, not an (invalid) run id
     with pytest.raises(ResolveError, match="Z85"):
         resolve_target("tcp://10.0.0.5:7001", server_key="short")
 
