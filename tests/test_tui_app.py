@@ -42,9 +42,12 @@ class FakeDaemon:
         self.state = state
         self.next_id = 3
         self.refuse_cancel = ""  # the daemon's reason, when it refuses a cancel
+        self.refuse_plan = ""  # ... and a plan of an edit
 
     def __call__(self, op: str, args: dict[str, Any]) -> Any:
         if op == "plan":
+            if self.refuse_plan and args.get("changes"):
+                raise RequestError(self.refuse_plan)
             return plan_for(args.get("changes"))
         if op == "queue_edit":
             lr = args["changes"].get("lr")
@@ -538,3 +541,27 @@ async def test_the_edit_form_notices_its_phase_starting() -> None:
         await pilot.pause()
         assert len([r for r in source.requests[sent:] if r[0] == "queue_edit"]) == 0
         assert form.last_error == form.closed_reason
+
+
+@pytest.mark.asyncio
+async def test_a_refused_preview_shows_its_whole_reason_until_a_preview_works() -> None:
+    app, source = live_app()
+    reason = ("phase 3: new_lr_scheduler.lr_scheduler_init.init_args.gamma = 'abc': ExponentialLR takes a finite "
+              "number here")
+    source.handler.refuse_plan = reason
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await pilot.press("down", "e")
+        await pilot.pause()
+        form = app.screen
+        assert isinstance(form, EditForm)
+        form.query_one("#edit-lr", Input).value = "2e-6"
+        await pilot.pause()
+        await pilot.press("ctrl+r")
+        await pilot.pause(0.3)
+        assert form.last_error == f"preview: {reason}"
+        assert form.query_one("#edit-preview").border_subtitle == "preview unavailable: the reason is below"
+        source.handler.refuse_plan = ""
+        await pilot.press("ctrl+r")
+        await pilot.pause(0.3)
+        assert form.last_error == "" and form.preview is not None

@@ -191,10 +191,14 @@ class EditForm(ModalScreen[EditInfo | None]):
             result = await self.source.request("plan", timeout=PLAN_TIMEOUT_S, **args)
         except RequestError as err:
             self.preview = None
-            self._show_preview(f"preview unavailable: {err}")
+            # the whole reason on the error line (it wraps); the chart's border has room for a few words only
+            self._show_preview("preview unavailable: the reason is below")
+            self.set_error(f"preview: {err}")
             return
         self.preview = await asyncio.to_thread(PlanData.for_charts, result or {})  # off the event loop: see for_charts
         self._show_preview("" if changes else "no changes: the plan as it stands")
+        if self.last_error.startswith("preview: "):  # an earlier preview's refusal no longer applies
+            self.set_error("")
 
     # ------------------------------------------------------------------------------------------------ send
 
