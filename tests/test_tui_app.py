@@ -565,3 +565,14 @@ async def test_a_refused_preview_shows_its_whole_reason_until_a_preview_works() 
         await pilot.press("ctrl+r")
         await pilot.pause(0.3)
         assert form.last_error == "" and form.preview is not None
+
+
+@pytest.mark.asyncio
+async def test_on_a_narrow_terminal_the_header_keeps_its_connection_row() -> None:
+    app, _ = live_app()
+    async with app.run_test(size=(60, 20)) as pilot:
+        await pilot.pause()
+        header = app.query_one("#header")
+        rows = [strip.text for strip in header.render_lines(header.region.reset_offset)]
+        assert len(rows) == 2 and rows[0].lstrip().startswith("fts ") and "live" in rows[1], rows
+        assert rows[0].rstrip().endswith("…")  # the first row is cut, not wrapped over the second

@@ -10,7 +10,7 @@ from fts_tui.views import Cell
 
 class RunHeader(Widget):
     DEFAULT_CSS = """
-    RunHeader { height: 2; padding: 0 1; }
+    RunHeader { height: 2; padding: 0 1; text-wrap: nowrap; text-overflow: ellipsis; }
     """
 
     def __init__(self, *, id: str | None = None) -> None:
@@ -23,7 +23,9 @@ class RunHeader(Widget):
             self.refresh()
 
     def render(self) -> Text:
-        return Text("\n").join(Text.assemble(*line, no_wrap=True, overflow="ellipsis") for line in self._lines)
+        # each row is cut at the edge (text-wrap: nowrap), never wrapped: a wrapped first row would push the
+        # connection row out of sight on a narrow terminal
+        return Text("\n").join(Text.assemble(*line) for line in self._lines)
 
     @property
     def plain(self) -> str:
