@@ -86,8 +86,9 @@ def header_lines(state: RunState, now: float, source: str, throttled: float | No
         first += [("  phase ", "dim"), (f"{state.phase}/{top}", "bold")]
     first += [("  epoch ", "dim"), ("–" if state.epoch is None else str(state.epoch), "bold")]
     first += [("  step ", "dim"), ("–" if state.step is None else str(state.step), "bold")]
-    rate = state.steps_per_second()
     average = state.finished and state.run_rate is not None
+    # while the daemon is not heard from, the last window's rate is no longer the run's: show none
+    rate = state.steps_per_second() if average or state.connection != "lost" else None
     first += [("  ", ""), ("–" if rate is None else f"{rate:.1f}", "bold"),
               (" steps/s avg" if average else " steps/s", "dim")]
     if state.status == "failed" and state.error:

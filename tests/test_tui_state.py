@@ -578,3 +578,16 @@ def test_a_stopped_run_says_stopped_in_the_header() -> None:
     done = RunState()
     done.load_events(events)
     assert "● finished" in "".join(cell for cell, _ in header_lines(done, now=stopped.ts, source="live")[0])
+
+
+def test_a_lost_connection_shows_no_stale_rate() -> None:
+    events = build_run()
+    s = RunState()
+    s.load_events(events[:400])
+    s.set_connection("live")
+    assert s.steps_per_second() is not None
+    live = "".join(cell for cell, _ in header_lines(s, now=events[399].ts, source="live")[0])
+    assert " steps/s" in live and "– steps/s" not in live
+    s.set_connection("lost")
+    lost = "".join(cell for cell, _ in header_lines(s, now=events[399].ts, source="live")[0])
+    assert "– steps/s" in lost
