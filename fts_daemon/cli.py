@@ -391,7 +391,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
     with contextlib.suppress(OSError):
         end = final_state(final.run_dir) or {}
     if end.get("checkpoint"):
-        print(f"run {record.run}: {final.state}; resume with: fts-daemon start --resume --run-dir {final.run_dir}")
+        how = "stopped" if end.get("reason") == "stopped" else final.state
+        print(f"run {record.run}: {how}; resume with: fts-daemon start --resume --run-dir {final.run_dir}")
     elif end.get("error"):
         print(f"run {record.run}: {final.state}: {end['error']}")
     else:  # stopped before its first step: there is nothing to resume from

@@ -506,6 +506,7 @@ class Daemon:
         self.run_id = ""
         self.run_dir = Path(".")
         self._dir_lock = RunDirLock(self.run_dir)  # taken by _start_bus (rank 0)
+        self._previous_end: dict[str, Any] = {}  # the recording's final state event when resuming (rank 0)
         self.rank = 0  # launch_rank(), set by run()
         self._out = options.out
         self._signals_seen = 0
@@ -576,6 +577,10 @@ class Daemon:
         pub, ctl = self._endpoints()
         self._prepare_run_dir()
         self._dir_lock.acquire(self.run_id)  # before anything in the run dir is touched
+        if opts.resume and (self.run_dir / EVENTS_FILE).is_file():
+            # how the previous start ended, read before this start's own events follow it in the file
+            with contextlib.suppress(OSError):
+                self._previous_end = final_state(self.run_dir) or {}
         journal = self.run_dir / JOURNAL_FILE
         if not opts.resume and journal.exists():
             # a fresh start in a used run dir must not pick up the previous run's pending edits
@@ -860,7 +865,7 @@ class Daemon:
             return None
         # the checkpoint the last stop wrote (and printed) when the recording ends with it, else the newest file:
         # checkpoint callbacks may write one at the same step, and the user resumes what `stop` said
-        end = (final_state(self.run_dir) or {}) if (self.run_dir / EVENTS_FILE).is_file() else {}
+        end = self._previous_end
         stopped = Path(end["checkpoint"]) if end.get("reason") == "stopped" and end.get("checkpoint") else None
         ckpt = stopped if stopped is not None and stopped.is_file() else newest_checkpoint(self.run_dir)
         if ckpt is None:

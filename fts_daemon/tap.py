@@ -364,6 +364,9 @@ class DaemonTap(Callback):
             self._publish_metrics(trainer, "train")
             if not self.stopped:
                 self._stop(trainer)
+                # Lightning validates once more when should_stop is set mid-epoch (for early stopping's sake): a stop
+                # the user asked for wants none, over a partial epoch, after its checkpoint (MiniLM: 12 s)
+                trainer.limit_val_batches = 0
         elif self.active and trainer.global_step % max(1, int(trainer.log_every_n_steps)) == 0:
             self._metrics_due = (int(trainer.global_step), int(trainer.current_epoch))
 

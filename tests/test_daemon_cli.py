@@ -86,7 +86,7 @@ def test_cli_lifecycle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_cli_run_dir_is_one_daemons_and_keeps_its_run_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with private_runtime_dir(monkeypatch):
-        cfg = write_config(tmp_path / "cfg", step_delay=0.25, max_epochs=6)
+        cfg = write_config(tmp_path / "cfg", step_delay=0.25, max_epochs=16)  # ~16 s: time to stop it in its final phase
         run_dir = tmp_path / "experiment-7"  # not named after the run
         first = fts("start", "--config", str(cfg), "--run", "owner", "--run-dir", str(run_dir), "--detach", cwd=tmp_path)
         assert first.returncode == 0 and "run owner started in the background" in first.stdout, first.stderr
@@ -100,7 +100,8 @@ def test_cli_run_dir_is_one_daemons_and_keeps_its_run_id(tmp_path: Path, monkeyp
         # a config that cannot run is reported by `start --detach` itself, not found later by `status`
         bad = fts("start", "--config", str(tmp_path / "missing.yaml"), "--run", "bad", "--detach", cwd=tmp_path)
         assert bad.returncode == 1 and "run bad failed: config file not found" in bad.stderr, bad.stderr
-        wait_for(lambda: registry.read_record("owner").phase == 1, timeout=120)  # 4 steps an epoch, phase 1 at 2
+        # the final phase (4 steps an epoch, phase 2 from epoch 4): a resume there has no transition left to make
+        wait_for(lambda: registry.read_record("owner").phase == 2, timeout=120)
         stopped = fts("stop", "owner", cwd=tmp_path)
         assert f"resume with: fts-daemon start --resume --run-dir {run_dir}" in stopped.stdout, stopped.stdout
         stop_ckpt = [e for e in read_events(run_dir / "events.jsonl") if e.kind == ev.STATE][-1].data["checkpoint"]
@@ -109,9 +110,9 @@ def test_cli_run_dir_is_one_daemons_and_keeps_its_run_id(tmp_path: Path, monkeyp
         resumed = fts("start", "--resume", "--run-dir", str(run_dir), "--detach", cwd=tmp_path)
         assert resumed.returncode == 0 and "run owner started in the background" in resumed.stdout, resumed.stderr
         assert f"  resume  : {stop_ckpt}" in (run_dir / "daemon.log").read_text()
-        # resumed in phase 1, with no transition yet (phase 2 starts at step 16, ~2 s away): the registry knows
+        # resumed in phase 2 with no transition to announce it: the registry knows all the same
         record = registry.read_record("owner")
-        assert record.phase == 1 and record.state == "training"
+        assert record.phase == 2 and record.state == "training"
         # resumed from its saved config.yaml, the run still names the config it was started with
         assert record.config == [str(Path(cfg).resolve())]
         second_daemon = record.daemon

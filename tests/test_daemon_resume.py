@@ -68,6 +68,9 @@ def test_stop_finishes_the_step_checkpoints_and_exits_cleanly(resumed: dict) -> 
     assert [s["state"] for s in states][-2:] == ["stopping", "finished"]
     final = states[-1]
     assert final["reason"] == "stopped" and final["phase"] == 1
+    # no validation over the stopped epoch's partial data after the stop (Lightning runs one when should_stop is set)
+    stopping = next(i for i, e in enumerate(events) if e.kind == ev.STATE and e.data["state"] == "stopping")
+    assert not [e for e in events[stopping:] if e.kind == ev.METRIC and e.data["stage"] == "val"]
     ckpt = torch.load(final["checkpoint"], weights_only=False)
     assert ckpt["callbacks"]["FinetuningScheduler"]["depth"] == 1
     pending = {e["id"]: e["status"] for e in ckpt["callbacks"]["DaemonTap"]["edits"]}

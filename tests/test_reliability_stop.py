@@ -83,7 +83,7 @@ def test_graceful_stop_checkpoints_and_exits_within_one_step(tmp_path: Path, how
     assert r["rc"] == 0
     if r["stopper"] is not None:
         assert r["stopper"].returncode == 0, r["stopper"].stderr
-        assert "finished; resume with: fts-daemon start --resume" in r["stopper"].stdout
+        assert "stopped; resume with: fts-daemon start --resume" in r["stopper"].stdout
     assert r["final"]["state"] == "finished" and r["final"]["reason"] == "stopped"
     assert Path(r["final"]["checkpoint"]).is_file() and r["record"].state == "finished"
     step, ckpt = r["step_s"], r["checkpoint_s"]
