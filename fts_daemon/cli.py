@@ -490,6 +490,10 @@ def cmd_edit(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------ offline
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def cmd_validate(args: argparse.Namespace, passthrough: list[str]) -> int:
     from fts_daemon.offline import check_config
 
@@ -503,15 +507,14 @@ def cmd_validate(args: argparse.Namespace, passthrough: list[str]) -> int:
         for p in result.problems:
             print(f"  {p}", file=sys.stderr)
         return 1
-    n = len(result.phases)
-    print(f"{', '.join(configs)}: OK ({n} phase{'s' if n != 1 else ''}, max_depth {result.max_depth})")
+    print(f"{', '.join(configs)}: OK ({_count(len(result.phases), 'phase')}, max_depth {result.max_depth})")
     if result.schedule_file:  # a relative ft_schedule is looked up in the working directory first
         print(f"  schedule: {result.schedule_file}")
     for phase in result.phases:
         labels = result.groups[phase["index"]] if phase["index"] < len(result.groups) else []
         sched = (phase.get("new_lr_scheduler") or {}).get("lr_scheduler_init", {}).get("class_path", "")
         print(f"  phase {phase['index']}{' (skipped: beyond max_depth)' if phase['state'] == 'skipped' else ''}: "
-              f"{len(phase['params'])} params, {len(labels)} groups"
+              f"{_count(len(phase['params']), 'param')}, {_count(len(labels), 'group')}"
               + (f", new scheduler {sched.rsplit('.', 1)[-1]}" if sched else "")
               + (f", max_transition_epoch {phase['max_transition_epoch']}" if phase["max_transition_epoch"] >= 0
                  else ""))
@@ -593,7 +596,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="where events, edits, checkpoints and logs go (default: runs/<run>)")
     p.add_argument("--runs-root", default="runs", help=argparse.SUPPRESS)
     p.add_argument("--detach", action="store_true", help="run in the background; return once it listens")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run dir")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir (same run id, queued edits): from the checkpoint "
+                   "its last stop wrote, else the newest *.ckpt there")
     p.add_argument("--transport", choices=("ipc", "tcp"), default="ipc",
                    help="ipc (private runtime dir, default) or tcp on 127.0.0.1")
     p.add_argument("--pub", help="explicit PUB endpoint (non-loopback needs --curve-dir)")

@@ -166,8 +166,10 @@ class PlanError(ValueError):
     """A plan that cannot be asked for (e.g. start epochs for phases the schedule lacks)."""
 
 
-def check_transition_epochs(transition_epochs: Mapping[int, int], n_phases: int) -> None:
-    """Raise PlanError unless every phase named exists after phase 0 and the start epochs rise with the phase."""
+def check_transition_epochs(transition_epochs: Mapping[int, int], schedule: Schedule) -> None:
+    """Raise PlanError unless every phase named exists after phase 0, starts no later than the phase before it must
+    end (its ``max_transition_epoch``), and the start epochs rise with the phase."""
+    n_phases = len(schedule)
     given = sorted(transition_epochs.items())
     for phase, epoch in given:
         if not 1 <= phase < n_phases:
@@ -175,6 +177,17 @@ def check_transition_epochs(transition_epochs: Mapping[int, int], n_phases: int)
                             "and phase 0 starts at epoch 0")
         if epoch < 1:
             raise PlanError(f"phase {phase} cannot start at epoch {epoch}: the earliest is epoch 1")
+        limit = schedule[phase - 1].max_transition_epoch
+        if limit < 0:  # ended by early stopping only: any start is possible
+            continue
+        # the phase before ends at its limit, or one epoch after it began if it began later (a limit behind an
+        # earlier phase's, or a start given for it)
+        began = max([transition_epochs.get(phase - 1, 0)]
+                    + [schedule[q].max_transition_epoch for q in range(phase - 1) if schedule[q].max_transition_epoch >= 0])
+        latest = max(limit, began + 1 if phase > 1 else limit)
+        if epoch > latest:
+            raise PlanError(f"phase {phase} cannot start at epoch {epoch}: phase {phase - 1}'s max_transition_epoch "
+                            f"{limit} ends it by epoch {latest}")
     for (p0, e0), (p1, e1) in zip(given, given[1:]):
         if e1 <= e0:
             raise PlanError(f"phase {p1} would start at epoch {e1}, not after phase {p0} (epoch {e0})")
@@ -209,7 +222,7 @@ def plan_run(
     host = SimpleHost(setup.optimizer, setup.lr_configs)
     engine = PhaseEngine(copy.deepcopy(schedule), settings)
     transition_epochs = dict(transition_epochs or {})
-    check_transition_epochs(transition_epochs, len(schedule))
+    check_transition_epochs(transition_epochs, schedule)
     plan = Plan(phase_starts=[{"phase": 0, "epoch": 0, "step": 0}])
     epochs = max_epochs
     if max_steps is not None and steps_per_epoch > 0 and max_epochs * steps_per_epoch > max_steps:

@@ -153,7 +153,9 @@ def test_cli_validate_plan_and_foreground_run(tmp_path: Path, monkeypatch: pytes
         for bad, reason in (("1=x", "expects PHASE=EPOCH[,...] with integers, got '1=x'"),
                             ("1=-4", "phase 1 cannot start at epoch -4: the earliest is epoch 1"),
                             ("5=3", "phase 5 cannot be given a start epoch: the schedule has phases 0..2"),
-                            ("2=3,1=6", "phase 2 would start at epoch 3, not after phase 1 (epoch 6)")):
+                            ("2=2,1=2", "phase 2 would start at epoch 2, not after phase 1 (epoch 2)"),
+                            ("1=9", "phase 1 cannot start at epoch 9: phase 0's max_transition_epoch 2 ends it by "
+                                    "epoch 2")):
             refused = fts("plan", str(cfg), "--transition-epochs", bad, cwd=tmp_path)
             assert refused.returncode == 1 and reason in refused.stderr, refused.stderr
             assert "Traceback" not in refused.stderr and "PHASE" not in refused.stdout

