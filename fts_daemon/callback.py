@@ -248,6 +248,9 @@ class FinetuningScheduler(Callback):
             if es:
                 self._warn("replacing EarlyStopping with FTSEarlyStopping (same settings) so patience ends phases")
                 kwargs = _init_kwargs(es[0], EarlyStopping)
+                if "min_delta" in kwargs and kwargs.get("mode", "min") == "min":
+                    # EarlyStopping stores min_delta negated in min mode; its constructor negates what it is given
+                    kwargs["min_delta"] = -kwargs["min_delta"]
                 callbacks = [c for c in callbacks if not isinstance(c, EarlyStopping)]
             else:
                 self._warn("no FTSEarlyStopping given: adding FTSEarlyStopping(monitor='val_loss')")
@@ -744,6 +747,10 @@ class FinetuningScheduler(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "groups" not in state_dict:
+            if state_dict:  # e.g. finetuning-scheduler's own state (fts_metadata, ...): nothing here can use it
+                self._warn("the checkpoint's FinetuningScheduler state is not in this callback's format (saved by "
+                           f"finetuning-scheduler? keys: {', '.join(sorted(map(str, state_dict))[:6])}); the "
+                           "schedule starts again from phase 0")
             return
         self._restored = copy.deepcopy(state_dict)
         self._depth = int(state_dict["depth"])
