@@ -210,7 +210,8 @@ def test_resume_anywhere_keeps_history_and_run_facts(tmp_path: Path, monkeypatch
     state.apply_snapshot(snap)
     assert [t.to_phase for t in state.transitions] == [1] and state.info["model"] == "TinyClassifier"
     header = "".join(text for text, _ in header_lines(state, time.time(), "test")[0])
-    assert "TinyClassifier (config.yaml)" in header  # resumed from the run dir's saved config
+    # resumed from the run dir's saved config.yaml, which names the config the run was started with
+    assert "TinyClassifier (h.yaml)" in header and snap["config"] == [str(tmp_path / "cfg" / "h.yaml")]
     # LearningRateMonitor's keys are LRs, not metrics; nor is the phase counter
     names = {n for e in events if e.kind == ev.METRIC for n in e.data["metrics"]}
     assert names == {"train_loss", "val_loss", "val_acc"}
