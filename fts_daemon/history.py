@@ -332,6 +332,8 @@ class RunHistory:
         self.state: dict[str, Any] = {"state": "starting", "error": None}
         self.schedule: dict[str, Any] | None = None
         self.edits: dict[str, dict[str, Any]] = {}
+        # refused queue_edit requests have no id (all would share one key): the latest few, in order
+        self.refused_edits: collections.deque[dict[str, Any]] = collections.deque(maxlen=recent)
         self.transitions: list[dict[str, Any]] = []
         self._transition_daemons: list[str] = []
         self.logs: collections.deque[dict[str, Any]] = collections.deque(maxlen=recent)
@@ -472,7 +474,10 @@ class RunHistory:
             self._add_transition(event)
         elif kind == ev.EDIT:
             edit = data.get("edit", {})
-            if "id" in edit:
+            if edit.get("id") is None:
+                if "id" in edit:
+                    self.refused_edits.append(edit)
+            else:
                 self.edits[str(edit["id"])] = edit
         elif kind == ev.LOG:
             self.logs.append({"seq": event.seq, "ts": event.ts, **data})
@@ -540,7 +545,7 @@ class RunHistory:
             "step": self.step,
             "epoch": self.epoch,
             "schedule": self.schedule,
-            "edits": list(self.edits.values()),
+            "edits": [*self.edits.values(), *self.refused_edits],
             "transitions": list(self.transitions),
             "logs": list(self.logs),
         }

@@ -216,3 +216,17 @@ def test_resume_anywhere_keeps_history_and_run_facts(tmp_path: Path, monkeypatch
     names = {n for e in events if e.kind == ev.METRIC for n in e.data["metrics"]}
     assert names == {"train_loss", "val_loss", "val_acc"}
     assert os.path.isabs(saved.split("ft_schedule: ")[1].split()[0])
+
+
+def test_refused_edits_all_reach_a_snapshot() -> None:
+    """Refused queue_edit requests have no id: keyed by it, a late subscriber saw only the last of them."""
+    import json
+
+    h = RunHistory()
+    refused = [{"id": None, "phase": 2, "changes": {"lr": i}, "status": "rejected", "error": f"no {i}"} for i in (1, 2)]
+    h.ingest(event(ev.EDIT, 1, {"edit": {"id": "e1", "phase": 2, "changes": {"lr": 0.1}, "status": "queued"}}, 3))
+    for i, edit in enumerate(refused):
+        h.ingest(event(ev.EDIT, 2 + i, {"edit": edit}, 3))
+    for snap in (h.snapshot(), json.loads(h.snapshot_json())):
+        assert [e["id"] for e in snap["edits"]] == ["e1", None, None]
+        assert [e["error"] for e in snap["edits"][1:]] == ["no 1", "no 2"]
