@@ -52,7 +52,10 @@ def _fits(value: Any, hint: Any) -> bool | None:
     if hint is Any or hint is object:
         return True
     if hint is float:
-        return _is_number(value) and math.isfinite(value)
+        try:
+            return _is_number(value) and math.isfinite(value)
+        except OverflowError:  # an int beyond any float (JSON and YAML allow one)
+            return False
     if hint is int:  # 2.0 for 2 works wherever torch does arithmetic only; its own isinstance checks refuse it
         return _is_number(value) and (isinstance(value, int) or float(value).is_integer())
     if hint is bool:

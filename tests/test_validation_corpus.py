@@ -81,6 +81,7 @@ CASES: list[tuple[str, Any, str]] = [
     # wrong values that build and step once, then fail (or go negative) later in the run: refused up front
     ("lrs-arg-text-for-number", {"ft_schedule": sched_init(1, "torch.optim.lr_scheduler.StepLR", {"step_size": 2, "gamma": "abc"})}, "phase 1: new_lr_scheduler.lr_scheduler_init.init_args.gamma = 'abc': StepLR takes a finite number here"),
     ("lrs-arg-yaml-exponent", {"ft_schedule": sched_init(1, "torch.optim.lr_scheduler.CosineAnnealingLR", {"T_max": 4, "eta_min": "1e-6"})}, "'1e-6' is text: YAML needs a dot and a signed exponent"),
+    ("lrs-arg-huge-int", {"ft_schedule": sched_init(1, "torch.optim.lr_scheduler.ExponentialLR", {"gamma": 10**400})}, "ExponentialLR takes a finite number"),
     ("lrs-arg-nan", {"ft_schedule": sched_init(1, "torch.optim.lr_scheduler.ExponentialLR", {"gamma": float("nan")})}, "init_args.gamma = nan: ExponentialLR takes a finite number"),
     ("lrs-arg-text-for-list", {"ft_schedule": sched_init(1, "torch.optim.lr_scheduler.MultiStepLR", {"milestones": "ab"})}, "init_args.milestones = 'ab': MultiStepLR takes a list of integers"),
     ("lrs-arg-literal", {"ft_schedule": with_phase(1, new_lr_scheduler={"lr_scheduler_init": {"class_path": "torch.optim.lr_scheduler.ReduceLROnPlateau", "init_args": {"mode": "lowest"}}, "pl_lrs_cfg": {"monitor": "val_loss"}})}, "init_args.mode = 'lowest': ReduceLROnPlateau takes one of 'min', 'max'"),
