@@ -36,7 +36,7 @@ def initial_scheduler_problems(trainer: Any) -> list[str]:
     it moves the real schedulers and learning rates."""
     from torch.optim.lr_scheduler import ReduceLROnPlateau
 
-    from fts_daemon.reinit import DRY_RUN_STEPS
+    from fts_daemon.reinit import DRY_RUN_STEPS, first_unusable_lr
 
     problems = []
     for config in getattr(trainer, "lr_scheduler_configs", []):
@@ -47,11 +47,10 @@ def initial_scheduler_problems(trainer: Any) -> list[str]:
                 warnings.simplefilter("ignore")  # stepping a scheduler before its optimizer: intended here
                 for step in range(1, DRY_RUN_STEPS + 1):
                     sched.step(1.0) if isinstance(sched, ReduceLROnPlateau) else sched.step()
-                    bad = [(i, g["lr"]) for i, g in enumerate(sched.optimizer.param_groups)
-                           if not (isinstance(g["lr"], (int, float)) and math.isfinite(g["lr"]) and g["lr"] >= 0)]
-                    if bad:
-                        problems.append(f"the module's scheduler {name} sets group {bad[0][0]}'s lr to "
-                                        f"{bad[0][1]!r} at step {step}")
+                    bad = first_unusable_lr(sched.optimizer)
+                    if bad is not None:
+                        problems.append(f"the module's scheduler {name} sets group {bad[0]}'s lr to {bad[1]!r} at "
+                                        f"step {step}")
                         break
         except TypeError as err:  # a value of the wrong type; other errors (OneCycleLR past total_steps) are not
             problems.append(f"the module's scheduler {name} fails at step {step}: {one_line(err)}")

@@ -126,6 +126,15 @@ def _stand_in_optimizer(n_groups: int, lrs: Sequence[float] | None = None) -> to
     return torch.optim.SGD(groups, lr=1e-3)
 
 
+def first_unusable_lr(optimizer: torch.optim.Optimizer) -> tuple[int, Any] | None:
+    """(group index, lr) of the first group whose lr is not a finite number >= 0, or None."""
+    for i, group in enumerate(optimizer.param_groups):
+        lr = group["lr"]
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
+            return i, lr
+    return None
+
+
 DRY_RUN_STEPS = 16  # scheduler steps a dry run takes: a wrong value used only at a later step shows within these
 
 
@@ -146,11 +155,10 @@ def dry_run_scheduler(cls: type, init_args: Mapping[str, Any], n_groups: int) ->
             else:
                 opt.step()
                 sched.step()
-            for i, group in enumerate(opt.param_groups):
-                lr = group["lr"]
-                if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
-                    raise ReinitError(f"{cls.__name__}({_fmt_args(init_args)}) sets group {i}'s lr to {lr!r} at step "
-                                      f"{step}")
+            bad = first_unusable_lr(opt)
+            if bad is not None:
+                raise ReinitError(f"{cls.__name__}({_fmt_args(init_args)}) sets group {bad[0]}'s lr to {bad[1]!r} at "
+                                  f"step {step}")
     except ReinitError:
         raise
     except Exception as err:

@@ -90,6 +90,11 @@ def test_the_modules_own_scheduler_is_stepped_too(tmp_path: Path) -> None:
     result = check_config([path])
     assert result.problems == ["the module's scheduler LinearLR fails at step 1: '>' not supported between instances "
                                "of 'int' and 'str'"]
+    cfg["model"]["init_args"]["lr_scheduler_init"] = {"class_path": "torch.optim.lr_scheduler.ExponentialLR",
+                                                      "init_args": {"gamma": -0.5}}
+    path.write_text(yaml.safe_dump(cfg))
+    (problem,) = check_config([path]).problems
+    assert problem.startswith("the module's scheduler ExponentialLR sets group 0's lr to -") and "at step 1" in problem
     # and the shipped one passes, plan included (the dry run comes after the plan, which it would move)
     ok = check_config([write_config(tmp_path, name="fine")], plan=True)
     assert ok.ok and ok.plan is not None and ok.schedule_file is not None
