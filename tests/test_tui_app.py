@@ -85,6 +85,16 @@ def notes(app: FtsApp) -> list[str]:
     return [n.message for n in app._notifications]
 
 
+async def open_form_for_phase_3(app: FtsApp, pilot: Any) -> EditForm:
+    """From the current phase (2), down to phase 3 and `e`: the edit form, open."""
+    await pilot.pause()
+    await pilot.press("down", "e")
+    await pilot.pause()
+    form = app.screen
+    assert isinstance(form, EditForm) and form.phase == 3
+    return form
+
+
 @pytest.mark.asyncio
 async def test_replay_main_screen_shows_the_whole_run() -> None:
     app = replay_app()
@@ -255,11 +265,7 @@ async def test_edit_flow_rejected_then_queued() -> None:
 async def test_form_checks_fields_locally() -> None:
     app, source = live_app()
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
-        await pilot.press("down", "e")
-        await pilot.pause()
-        form = app.screen
-        assert isinstance(form, EditForm)
+        form = await open_form_for_phase_3(app, pilot)
         form.query_one("#edit-init-args", TextArea).text = "gamma: [unclosed"
         await pilot.pause()
         assert form.last_error.startswith("init_args:")
@@ -498,11 +504,7 @@ async def test_on_a_busy_host_the_cpu_budget_spaces_frames_but_keys_still_draw_a
 async def test_on_a_small_terminal_the_focused_field_scrolls_into_view() -> None:
     app, _ = live_app()
     async with app.run_test(size=(80, 24)) as pilot:
-        await pilot.pause()
-        await pilot.press("down", "e")
-        await pilot.pause()
-        form = app.screen
-        assert isinstance(form, EditForm)
+        form = await open_form_for_phase_3(app, pilot)
         params = form.query_one("#edit-params", TextArea)
         fields = form.query_one("#edit-fields")
         for _ in range(12):  # tab through the fields until params has the focus
@@ -524,11 +526,8 @@ async def test_on_a_small_terminal_the_focused_field_scrolls_into_view() -> None
 async def test_the_edit_form_notices_its_phase_starting() -> None:
     app, source = live_app()
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
-        await pilot.press("down", "e")
-        await pilot.pause()
-        form = app.screen
-        assert isinstance(form, EditForm) and form.phase == 3 and not form.closed_reason
+        form = await open_form_for_phase_3(app, pilot)
+        assert not form.closed_reason
         events = build_run()
         start = next(i for i, e in enumerate(events) if e.kind == "transition" and e.data["to"] == 3)
         source.feed(events[MID_RUN:start + 1])
@@ -550,11 +549,7 @@ async def test_a_refused_preview_shows_its_whole_reason_until_a_preview_works() 
               "number here")
     source.handler.refuse_plan = reason
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.pause()
-        await pilot.press("down", "e")
-        await pilot.pause()
-        form = app.screen
-        assert isinstance(form, EditForm)
+        form = await open_form_for_phase_3(app, pilot)
         form.query_one("#edit-lr", Input).value = "2e-6"
         await pilot.pause()
         await pilot.press("ctrl+r")
