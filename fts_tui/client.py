@@ -356,7 +356,8 @@ class LiveSource:
                 # asking, in case `fts-daemon start --resume` brings the run back
                 if self.state.last_heard is None:  # nothing heard from it: its state is the registry's
                     self.state.status = record.live_state
-                self.state.set_connection("ended", _ended_note(record))
+                if self.state.connection != "ended":  # read the recording's tail once, not at every retry
+                    self.state.set_connection("ended", _ended_note(record))
             elif self.state.connection not in ("lost", "ended") and self.state.last_heard is not None:
                 self.state.set_connection("lost")
             self._close_dealer()  # a fresh DEALER: no stale requests queued to a dead peer
