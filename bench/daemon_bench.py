@@ -24,6 +24,8 @@
     python bench/daemon_bench.py --skip events,bus,pairs --no-subscriber --hooks-only   # 1b. the tap's hooks alone
     python bench/daemon_bench.py --skip events,bus,pairs --subscriber-idle   # 1b. the subscriber under SCHED_IDLE
     python bench/daemon_bench.py --skip events,bus --windows 0 --epochs 12   # 1. only, longer runs
+    python bench/daemon_bench.py --skip events,bus --windows 0 --sizes tiny \
+        --subscriber-kinds state,schedule,transition,edit,log,heartbeat   # 1. with no lr/metric data to the subscriber
     python bench/daemon_bench.py --quick      # fewer pairs and rates
     python bench/daemon_bench.py --sizes large --threads 1   # torch on one core, the daemon's threads on the other
     python bench/daemon_bench.py --json out.json
@@ -84,7 +86,9 @@ def subscriber(pub: str, expect: int | None, idle: float) -> None:
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.RCVHWM, 0)
     sub.setsockopt(zmq.RECONNECT_IVL, 10)  # the daemon binds after we connect: retry quickly
-    sub.setsockopt(zmq.SUBSCRIBE, ev.TOPIC_PREFIX.encode())
+    kinds = os.environ.get("FTS_BENCH_SUBSCRIBER_KINDS")  # --subscriber-kinds
+    for prefix in ([ev.TOPIC_PREFIX + k for k in kinds.split(",")] if kinds else [ev.TOPIC_PREFIX]):
+        sub.setsockopt(zmq.SUBSCRIBE, prefix.encode())
     sub.connect(pub)
     print(json.dumps({"ready": True}), flush=True)
     count = gaps = lost = wakeups = 0
@@ -553,6 +557,10 @@ def main() -> int:
     parser.add_argument("--subscriber-idle", action="store_true",
                         help="1b. the subscriber process under SCHED_IDLE (Linux): it runs when a core would otherwise "
                         "idle, and any woken training thread preempts it")
+    parser.add_argument("--subscriber-kinds", metavar="KINDS",
+                        help="the subscriber subscribes to these event kinds only (comma-separated, e.g. "
+                        "state,schedule,transition,edit,log,heartbeat: connected, but no per-step lr or metric data "
+                        "reaches it; the most any batching of the stream could save on the subscriber's side)")
     parser.add_argument("--hooks-only", action="store_true",
                         help="1b. with lr and metric events dropped as EventBus.publish receives them: what the tap's "
                         "hooks cost the training thread by themselves (use with --no-subscriber)")
@@ -581,6 +589,11 @@ def main() -> int:
         drop_lossy_events()
     if args.subscriber_idle:
         os.environ["FTS_BENCH_SUBSCRIBER_IDLE"] = "1"  # the subscriber processes inherit it
+    if args.subscriber_kinds:
+        unknown = set(args.subscriber_kinds.split(",")) - set(ev.KINDS)
+        if unknown:
+            parser.error(f"--subscriber-kinds: unknown kinds {sorted(unknown)} (known: {', '.join(ev.KINDS)})")
+        os.environ["FTS_BENCH_SUBSCRIBER_KINDS"] = args.subscriber_kinds
     pairs = args.pairs or (3 if args.quick else 8)
     results: dict[str, Any] = {}
 
@@ -606,7 +619,9 @@ def main() -> int:
     if "pairs" not in skip:
         print("1. training steps/s: daemon with a live subscriber vs plain Lightning (target ratio >= 0.98); "
               f"torch intra-op threads {torch.get_num_threads()} on {os.cpu_count()} cores; crash-safety checkpoint "
-              f"every {args.checkpoint_every} epoch(s) (0: none)", flush=True)
+              f"every {args.checkpoint_every} epoch(s) (0: none)"
+              + (f"; the subscriber takes {args.subscriber_kinds} events only" if args.subscriber_kinds else ""),
+              flush=True)
         results["training"] = training(pairs, args.sizes.split(","), epochs=STEADY_FROM + (args.epochs or (2 if args.quick else 4)),
                                        checkpoint_every=args.checkpoint_every)
         for size, r in results["training"].items():
@@ -621,6 +636,8 @@ def main() -> int:
         how = "no subscriber" if args.no_subscriber else "the subscriber live throughout"
         if args.subscriber_idle and not args.no_subscriber:
             how += ", under SCHED_IDLE"
+        if args.subscriber_kinds and not args.no_subscriber:
+            how += f", subscribed to {args.subscriber_kinds} only"
         if args.hooks_only:
             how += "; lr and metric events dropped as publish receives them: the tap's hooks alone"
         print(f"1b. the event stream's per-step cost within one daemon run: windows with the stream on vs off ({how})",
