@@ -412,7 +412,10 @@ def render_chart(spec: ChartSpec, width: int, height: int, kept: dict[tuple[str,
         msg = spec.empty_text[:width].center(width)
         blank = [(" " * width, "")]
         return [blank if i != height // 2 else [(msg, AXIS_STYLE)] for i in range(height)]
-    ylo, yhi = _pad(min(e[0] for e in y_ext), max(e[1] for e in y_ext))
+    data_lo = min(e[0] for e in y_ext)
+    ylo, yhi = _pad(data_lo, max(e[1] for e in y_ext))
+    if not spec.log_y and data_lo >= 0 > ylo:
+        ylo = 0.0  # no room below zero for values that are never negative (LRs, losses): no negative tick labels
     xlo, xhi = min(e[0] for e in x_ext), max(e[1] for e in x_ext)
     if spec.x_max is not None and spec.x_max > xlo:
         xhi = spec.x_max  # the axis runs to where it was asked to end, even past the last point shown

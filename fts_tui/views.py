@@ -83,7 +83,7 @@ def header_lines(state: RunState, now: float, source: str, throttled: float | No
     first += [("  ● ", STATUS_STYLE.get(state.status, "")), (status, STATUS_STYLE.get(state.status, ""))]
     if state.phases:
         top = state.max_depth if state.max_depth is not None else state.n_phases - 1
-        first += [("  phase ", "dim"), (f"{state.phase}/{top}", "bold")]
+        first += [("  phase ", "dim"), (str(state.phase), "bold"), (f" of 0–{top}", "dim")]
     first += [("  epoch ", "dim"), ("–" if state.epoch is None else str(state.epoch), "bold")]
     first += [("  step ", "dim"), ("–" if state.step is None else str(state.step), "bold")]
     average = state.finished and state.run_rate is not None
@@ -136,7 +136,11 @@ def _cell(now: str, then: str, width: int, style: str = "") -> Cell:
     if now == then:
         return clip(now, width), style
     both = f"{now}→{then}"
-    return clip(both if len(both) <= width else f"→{then}", width), EDIT_STYLE
+    if len(both) > width:
+        # the edited value matters most: the current one gives up its tail first, then goes
+        room = width - len(then) - 1
+        both = f"{clip(now, room)}→{then}" if room >= 4 else f"→{then}"
+    return clip(both, width), EDIT_STYLE
 
 
 def schedule_rows(state: RunState) -> list[tuple[int, list[Cell]]]:

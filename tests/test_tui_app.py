@@ -101,7 +101,7 @@ async def test_replay_main_screen_shows_the_whole_run() -> None:
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
         header = app.query_one(RunHeader).plain
-        for part in ("demo-explicit-reinit", "SentimentMiniLM", "finished", "phase 3/3", "epoch 13", "step 560", "steps/s", "replay"):
+        for part in ("demo-explicit-reinit", "SentimentMiniLM", "finished", "phase 3 of 0–3", "epoch 13", "step 560", "steps/s", "replay"):
             assert part in header
         table = app.query_one(ScheduleTable)
         assert table.row_count == 4 and table.selected_phase() == 3

@@ -591,3 +591,31 @@ def test_a_lost_connection_shows_no_stale_rate() -> None:
     s.set_connection("lost")
     lost = "".join(cell for cell, _ in header_lines(s, now=events[399].ts, source="live")[0])
     assert "– steps/s" in lost
+
+
+def test_a_linear_axis_of_values_never_negative_has_no_negative_ticks() -> None:
+    """A cosine schedule that reaches 0 padded the axis 5% below zero, so the bottom label read a negative LR."""
+    for ys in ([1e-3, 5e-4, 0.0, 2e-4], [0.0, 0.0, 0.0]):
+        rows = render_chart(ChartSpec([Trace("lr", [0, 1, 2, 3][: len(ys)], ys)], y_format="lr"), 40, 10)
+        lines = ["".join(t for t, _ in row) for row in rows[1:-1]]
+        ticks = [float(line.split("┤")[0]) for line in lines if "┤" in line]
+        assert ticks and min(ticks) >= 0, ticks
+    signed = render_chart(ChartSpec([Trace("m", [0, 1], [-1.0, 1.0])]), 40, 10)
+    assert float("".join(t for t, _ in signed[-2]).split("┤")[0]) < 0  # values below zero keep their room
+
+
+def test_the_header_counts_phases_from_zero() -> None:
+    s = replayed()
+    text = "".join(cell for cell, _ in header_lines(s, now=0.0, source="replay")[0])
+    assert f"phase {s.phase} of 0–{s.n_phases - 1}" in text
+
+
+def test_a_schedule_cell_too_narrow_for_both_values_keeps_the_edited_one_whole() -> None:
+    from fts_tui.views import _cell
+
+    now, then = "StepLR(step_size=25, gamma=0.7)", "StepLR(step_size=20, gamma=0.5)"
+    assert _cell(now, then, 80)[0] == f"{now}→{then}"
+    text = _cell(now, then, 40)[0]
+    assert len(text) == 40 and text.endswith(f"→{then}") and text.startswith("StepLR")
+    assert _cell(now, then, 33)[0] == f"→{then}"  # no room for a readable start of the old value
+    assert _cell("a", "b", 10)[0] == "a→b" and _cell("x", "x", 10)[0] == "x"
