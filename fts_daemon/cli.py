@@ -359,11 +359,22 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no runs in {registry.runtime_dir()}")
         return 0
-    print(f"{'RUN':32} {'STATE':10} {'PHASE':>5}  {'CONFIG':32} ENDPOINTS")
-    for row in rows:
-        cfg = ",".join(Path(c).name for c in row["config"])
-        print(f"{row['run']:32} {row['state']:10} {row['phase']:>5}  {cfg:32} {row['pub']} {row['ctl']}")
+    print("\n".join(runs_table(rows)))
     return 0
+
+
+def runs_table(rows: list[dict[str, Any]]) -> list[str]:
+    """``runs``' lines: each column as wide as its longest cell, so long run ids and config lists stay aligned."""
+    cells = [["RUN", "STATE", "PHASE", "CONFIG", "ENDPOINTS"]] + [
+        [str(r["run"]), str(r["state"]), "–" if r["phase"] is None else str(r["phase"]), ", ".join(Path(c).name for c in r["config"]) or "–",
+         f"{r['pub']} {r['ctl']}"]
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in cells) for i in range(4)]
+    return [
+        f"{run:{widths[0]}}  {state:{widths[1]}}  {phase:>{widths[2]}}  {cfg:{widths[3]}}  {ends}"
+        for run, state, phase, cfg, ends in cells
+    ]
 
 
 def cmd_stop(args: argparse.Namespace) -> int:

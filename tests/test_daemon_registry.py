@@ -90,3 +90,25 @@ def test_registry_imports_without_torch() -> None:
     code = "import sys, fts_daemon.registry, fts_daemon.events, fts_daemon.client; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_the_runs_table_stays_aligned_with_long_names() -> None:
+    from fts_daemon.cli import runs_table
+
+    def row(run: str, config: list[str], phase: int | None = 1) -> dict:
+        return {"run": run, "state": "training", "phase": phase, "config": config,
+                "pub": f"ipc:///r/{run}.pub", "ctl": f"ipc:///r/{run}.ctl"}
+
+    lines = runs_table([
+        row("a", ["/x/demo.yaml"]),
+        row("demo-minilm-20261207-144558-with-a-long-name", ["/c/minilm_defaults.yaml", "/c/minilm_explicit_reinit_lr.yaml"]),
+        row("b", [], phase=None),
+    ])
+    assert lines[0].split() == ["RUN", "STATE", "PHASE", "CONFIG", "ENDPOINTS"]
+    # every column starts where its header does
+    for header in ("STATE", "PHASE", "CONFIG", "ENDPOINTS"):
+        col = lines[0].index(header)
+        assert all(line[col - 2:col] == "  " and line[col] != " " or header == "PHASE" for line in lines[1:]), header
+    assert [line.index("ipc://") for line in lines[1:]] == [lines[0].index("ENDPOINTS")] * 3
+    assert "minilm_defaults.yaml, minilm_explicit_reinit_lr.yaml" in lines[2]
+    assert lines[3].split()[2:4] == ["–", "–"]  # no phase yet, no config
