@@ -51,7 +51,13 @@ from fts_daemon.schedule import (
     resolve_params,
 )
 from fts_daemon.supporters import FTSCheckpoint, FTSEarlyStopping
-from fts_daemon.validation import ValidationOptions, ValidationReport, max_transition_watermark, validate_schedule
+from fts_daemon.validation import (
+    ValidationOptions,
+    ValidationReport,
+    class_problems,
+    max_transition_watermark,
+    validate_schedule,
+)
 
 log = logging.getLogger("fts_daemon")
 
@@ -324,12 +330,24 @@ class FinetuningScheduler(Callback):
         try:
             raw, implicit = self._raw_schedule(pl_module, param_names)
             schedule, warns = parse_schedule(raw, self.base_max_lr)
-            warns += resolve_params(schedule, param_names, shared_param_aliases(pl_module))
         except ScheduleError as err:
             raise FTSConfigError(problems + [str(p) for p in err.problems]) from None
+        try:
+            warns += resolve_params(schedule, param_names, shared_param_aliases(pl_module))
+        except ScheduleError as err:
+            raise FTSConfigError(problems + [str(p) for p in err.problems] + self._class_problems(schedule)) from None
         if problems:
             raise FTSConfigError(problems)
         return schedule, warns, implicit
+
+    def _class_problems(self, schedule: Schedule) -> list[str]:
+        """What the reinit configs' classes and arguments would be refused for (see ``class_problems``); nothing
+        if the implicit configs themselves do not parse (those problems come with the next run)."""
+        try:
+            opts = self.validation_options()
+        except FTSConfigError:
+            return []
+        return [str(p) for p in class_problems(schedule, opts)]
 
     def _implicit_specs(self) -> tuple[LRSchedulerSpec | None, OptimizerSpec | None]:
         problems = []

@@ -404,7 +404,7 @@ class EditQueue:
     def _candidate(self, overrides: Mapping[int, list[Edit]]) -> tuple[Schedule, ValidationReport]:
         """The live schedule with ``overrides`` merged, parsed, resolved and validated as the engine would."""
         from fts_daemon.callback import shared_param_aliases
-        from fts_daemon.validation import validate_schedule
+        from fts_daemon.validation import class_problems, validate_schedule
 
         fts, module = self._fts, self._module
         assert fts is not None and fts.schedule is not None and module is not None
@@ -416,10 +416,12 @@ class EditQueue:
             raw[index] = phase
         try:
             schedule, _ = parse_schedule(raw, fts.base_max_lr)
-            resolve_params(schedule, [n for n, _ in module.named_parameters()], shared_param_aliases(module))
-            report = validate_schedule(
-                schedule, fts.validation_options(self._n0, getattr(module, "no_decay", None))
-            )
+            opts = fts.validation_options(self._n0, getattr(module, "no_decay", None))
+            try:
+                resolve_params(schedule, [n for n, _ in module.named_parameters()], shared_param_aliases(module))
+            except ScheduleError as err:  # with what the classes and arguments would be refused for, in one reply
+                raise ScheduleError(err.problems + class_problems(schedule, opts)) from None
+            report = validate_schedule(schedule, opts)
         except ScheduleError as err:
             raise EditError("; ".join(str(p) for p in err.problems)) from None
         except Exception as err:  # the validator imports and dry-runs classes: never let that escape

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
@@ -56,6 +57,30 @@ def _group_label(i: int, g: GroupInfo) -> str:
     return f"pg{i + 1} ({g.label})"
 
 
+def _scheduler_cls(init: Any, index: int, key: str, opts: ValidationOptions, problems: list[Problem]) -> type | None:
+    try:
+        return scheduler_class(init, opts.allow_untested, opts.allowed_prefixes)
+    except ReinitError as err:
+        problems.append(problem(str(err), index, f"{key}.lr_scheduler_init.class_path", init.class_path))
+        return None
+
+
+def _optimizer_cls(init: Any, index: int, key: str, opts: ValidationOptions, problems: list[Problem]) -> type | None:
+    try:
+        return optimizer_class(init, opts.allowed_prefixes)
+    except ReinitError as err:
+        problems.append(problem(str(err), index, f"{key}.optimizer_init.class_path", init.class_path))
+        return None
+
+
+def _args_fit(cls: type, args: dict[str, Any], index: int, where: str, problems: list[Problem]) -> bool:
+    """Check ``args`` against ``cls``'s annotations (``where``: the init_args key); False if any is wrong."""
+    wrong = arg_problems(cls, args)
+    for name, value, reason in wrong:
+        problems.append(problem(reason, index, f"{where}.{name}", value))
+    return not wrong
+
+
 def _check_lr_spec(
     spec: LRSchedulerSpec,
     index: int,
@@ -69,10 +94,8 @@ def _check_lr_spec(
     warnings: list[str],
 ) -> None:
     init = spec.lr_scheduler_init
-    try:
-        cls = scheduler_class(init, opts.allow_untested, opts.allowed_prefixes)
-    except ReinitError as err:
-        problems.append(problem(str(err), index, f"{key}.lr_scheduler_init.class_path", init.class_path))
+    cls = _scheduler_cls(init, index, key, opts, problems)
+    if cls is None:
         return
     if "optimizer" in init.init_args:
         warnings.append(
@@ -109,10 +132,7 @@ def _check_lr_spec(
                 )
             )
             return
-    wrong = arg_problems(cls, args)
-    for name, value, reason in wrong:
-        problems.append(problem(reason, index, f"{key}.lr_scheduler_init.init_args.{name}", value))
-    if not wrong:
+    if _args_fit(cls, args, index, f"{key}.lr_scheduler_init.init_args", problems):
         try:
             dry_run_scheduler(cls, args, n_after)
         except ReinitError as err:
@@ -141,20 +161,38 @@ def _check_lr_spec(
 
 def _check_optim_spec(spec: OptimizerSpec, index: int, key: str, opts: ValidationOptions, problems: list[Problem]) -> None:
     init = spec.optimizer_init
-    try:
-        cls = optimizer_class(init, opts.allowed_prefixes)
-    except ReinitError as err:
-        problems.append(problem(str(err), index, f"{key}.optimizer_init.class_path", init.class_path))
-        return
-    wrong = arg_problems(cls, init.init_args)
-    for name, value, reason in wrong:
-        problems.append(problem(reason, index, f"{key}.optimizer_init.init_args.{name}", value))
-    if wrong:
+    cls = _optimizer_cls(init, index, key, opts, problems)
+    if cls is None or not _args_fit(cls, init.init_args, index, f"{key}.optimizer_init.init_args", problems):
         return
     try:
         dry_run_optimizer(cls, init.init_args)
     except ReinitError as err:
         problems.append(problem(str(err), index, f"{key}.optimizer_init.init_args", init.init_args))
+
+
+def class_problems(schedule: Schedule, opts: ValidationOptions) -> list[Problem]:
+    """The checks that need no group counts (class paths, then arguments against the class's annotations), for a
+    schedule whose params could not be resolved: reported beside the unmatched patterns, so that fixing those does
+    not uncover a second round of problems that could have been told the first time."""
+    problems: list[Problem] = []
+    for phase in schedule.phases[1:]:
+        lr_spec = opts.reinit_lr_cfg or phase.new_lr_scheduler
+        if lr_spec is not None:
+            key = "reinit_lr_cfg" if opts.reinit_lr_cfg is not None else "new_lr_scheduler"
+            init = lr_spec.lr_scheduler_init
+            cls = _scheduler_cls(init, phase.index, key, opts, problems)
+            if cls is not None:
+                _args_fit(cls, scheduler_init_args(init), phase.index, f"{key}.lr_scheduler_init.init_args", problems)
+        optim_spec = opts.reinit_optim_cfg or phase.new_optimizer
+        if optim_spec is not None:
+            key = "reinit_optim_cfg" if opts.reinit_optim_cfg is not None else "new_optimizer"
+            oinit = optim_spec.optimizer_init
+            ocls = _optimizer_cls(oinit, phase.index, key, opts, problems)
+            if ocls is not None:
+                _args_fit(ocls, oinit.init_args, phase.index, f"{key}.optimizer_init.init_args", problems)
+        if opts.reinit_lr_cfg is not None or opts.reinit_optim_cfg is not None:
+            break  # implicit configs are the same at every phase: once
+    return problems
 
 
 def validate_schedule(schedule: Schedule, opts: ValidationOptions) -> ValidationReport:

@@ -68,6 +68,11 @@ REJECTED = [  # (phase, changes, expected fragment of the one-line error)
                                                     "init_args": {"step_size": 2, "gamma": "abc"}}}},
      "lr_scheduler_init.init_args.gamma = 'abc': StepLR takes a finite number"),
     (2, {"new_lr_scheduler": {"lr_scheduler_init": {"init_args": {"gamma": -1.0}}}}, "sets group 0's lr to -"),
+    # an unmatched pattern comes with the class and argument problems, in one reply
+    (2, {"params": ["model\\.nothing.*"],
+         "new_lr_scheduler": {"lr_scheduler_init": {"class_path": "torch.optim.lr_scheduler.StepLR",
+                                                    "init_args": {"step_size": 2, "gamma": "abc"}}}},
+     "matches no parameter of the model; phase 2: new_lr_scheduler.lr_scheduler_init.init_args.gamma = 'abc'"),
 ]
 
 

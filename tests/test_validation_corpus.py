@@ -200,3 +200,20 @@ def test_user_schedule_not_mutated(tmp_path: Any) -> None:
     t = trainer(tmp_path, [FinetuningScheduler(ft_schedule=sched, restore_best=False), FTSEarlyStopping(monitor="val_loss", patience=1)], max_epochs=6)
     t.fit(TinyNet(), *loaders())
     assert sched == before
+
+
+def test_unmatched_params_come_with_the_class_and_argument_problems(tmp_path: Any) -> None:
+    """Params are resolved before the reinit configs (which need the matched groups), and a pattern that matched
+    nothing used to hide every class and argument problem until it was fixed; those need no groups, so they come
+    in the same report. The checks that need group counts (list lengths, the dry run) still wait."""
+    sched = with_phase(1, params=["nope.*"])
+    sched[1]["new_lr_scheduler"] = {"lr_scheduler_init": {"class_path": "torch.optim.lr_scheduler.StepLR",
+                                                          "init_args": {"step_size": 2, "gamma": "abc"}}}
+    sched[2] = {**sched[2], "new_optimizer": {"optimizer_init": {"class_path": "torch.optim.Nope"}}}
+    t = trainer(tmp_path, [FinetuningScheduler(ft_schedule=sched, restore_best=False)], max_epochs=1)
+    with pytest.raises(MisconfigurationException) as info:
+        t.fit(TinyNet(), *loaders())
+    lines = str(info.value).splitlines()
+    assert any(line.startswith("phase 1: params = 'nope.*': matches no parameter") for line in lines), lines
+    assert any(line.startswith("phase 1: new_lr_scheduler.lr_scheduler_init.init_args.gamma = 'abc'") for line in lines)
+    assert any(line.startswith("phase 2: new_optimizer.optimizer_init.class_path = 'torch.optim.Nope'") for line in lines)
