@@ -176,20 +176,21 @@ def class_problems(schedule: Schedule, opts: ValidationOptions) -> list[Problem]
     not uncover a second round of problems that could have been told the first time."""
     problems: list[Problem] = []
     for phase in schedule.phases[1:]:
+        checks: list[tuple[str, str, Any, Any, dict[str, Any]]] = []  # (key, init key, init, class finder, args)
         lr_spec = opts.reinit_lr_cfg or phase.new_lr_scheduler
         if lr_spec is not None:
-            key = "reinit_lr_cfg" if opts.reinit_lr_cfg is not None else "new_lr_scheduler"
             init = lr_spec.lr_scheduler_init
-            cls = _scheduler_cls(init, phase.index, key, opts, problems)
-            if cls is not None:
-                _args_fit(cls, scheduler_init_args(init), phase.index, f"{key}.lr_scheduler_init.init_args", problems)
+            key = "reinit_lr_cfg" if opts.reinit_lr_cfg is not None else "new_lr_scheduler"
+            checks.append((key, "lr_scheduler_init", init, _scheduler_cls, scheduler_init_args(init)))
         optim_spec = opts.reinit_optim_cfg or phase.new_optimizer
         if optim_spec is not None:
-            key = "reinit_optim_cfg" if opts.reinit_optim_cfg is not None else "new_optimizer"
             oinit = optim_spec.optimizer_init
-            ocls = _optimizer_cls(oinit, phase.index, key, opts, problems)
-            if ocls is not None:
-                _args_fit(ocls, oinit.init_args, phase.index, f"{key}.optimizer_init.init_args", problems)
+            key = "reinit_optim_cfg" if opts.reinit_optim_cfg is not None else "new_optimizer"
+            checks.append((key, "optimizer_init", oinit, _optimizer_cls, oinit.init_args))
+        for key, sub, init, find, args in checks:
+            cls = find(init, phase.index, key, opts, problems)
+            if cls is not None:
+                _args_fit(cls, args, phase.index, f"{key}.{sub}.init_args", problems)
         if opts.reinit_lr_cfg is not None or opts.reinit_optim_cfg is not None:
             break  # implicit configs are the same at every phase: once
     return problems
