@@ -732,7 +732,10 @@ class EventBus:
 
     def hello(self) -> dict[str, Any]:
         pub, ctl = self.endpoints or (self.config.pub, self.config.ctl)
+        initial = self.history.initial_scheduler
         return {
+            # a start resumed in a later phase reports phase 0's scheduler as the run's recording has it
+            **({"scheduler": initial} if initial is not None else {}),
             **self.config.info,
             "protocol": ev.PROTOCOL_VERSION,
             "codec": "json",

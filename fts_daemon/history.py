@@ -349,6 +349,9 @@ class RunHistory:
         self.phase = 0
         self.step: int | None = None
         self.epoch: int | None = None
+        # phase 0's scheduler as a start that began in phase 0 reported it (``info.scheduler`` of its ``training``
+        # event): a start resumed in a later phase cannot read it off the trainer
+        self.initial_scheduler: dict[str, Any] | None = None
 
     def load(self, path: Path) -> ReadReport:
         """Fold in a recording (``events.jsonl`` of earlier starts of this run: ``fts-daemon start --resume``)."""
@@ -467,6 +470,9 @@ class RunHistory:
             self.epoch = event.epoch
         if kind == ev.STATE:
             self.state = dict(data)
+            info = data.get("info")
+            if isinstance(info, dict) and isinstance(info.get("scheduler"), dict):
+                self.initial_scheduler = info["scheduler"]
         elif kind == ev.SCHEDULE:
             self.schedule = data
             self.phase = int(data.get("depth", self.phase))

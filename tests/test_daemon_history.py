@@ -217,6 +217,16 @@ def test_resume_anywhere_keeps_history_and_run_facts(tmp_path: Path, monkeypatch
     assert names == {"train_loss", "val_loss", "val_acc"}
     assert os.path.isabs(saved.split("ft_schedule: ")[1].split()[0])
 
+    # a third start, resumed in phase 1: the trainer holds phase 1's scheduler, and phase 0's comes from the
+    # recording (the TUI showed "(module's own)" for phase 0 after such a resume)
+    with private_runtime_dir(monkeypatch):
+        late = ControlProbe("h", "hello")
+        third = start_daemon(configs=[], resume=True, run="h", run_dir=run_dir, callbacks=[late],
+                             overrides=["--trainer.max_epochs=4"])
+        assert third.join() == 0, third.daemon.error
+    assert late.result is not None and late.result["phase"] == 1
+    assert late.result["scheduler"] == hello["scheduler"]
+
 
 def test_refused_edits_all_reach_a_snapshot() -> None:
     """Refused queue_edit requests have no id: keyed by it, a late subscriber saw only the last of them."""
