@@ -520,7 +520,10 @@ class FinetuningScheduler(Callback):
         groups = []
         if self.report is not None:
             groups = [[g.label for g in layout] for layout in self.report.groups]
-        return {"phases": phases, "depth": self._depth, "max_depth": self.max_depth, "groups": groups}
+        # implicit mode: the configs applied at every transition (the phases carry no reinit blocks of their own)
+        implicit = {"reinit_lr_cfg": self.reinit_lr_cfg or None, "reinit_optim_cfg": self.reinit_optim_cfg or None}
+        return {"phases": phases, "depth": self._depth, "max_depth": self.max_depth, "groups": groups,
+                **copy.deepcopy(implicit)}
 
     # ------------------------------------------------------------------------------------------ transitions
 
@@ -576,6 +579,8 @@ class FinetuningScheduler(Callback):
             "new_groups": list(applied.new_groups) if applied else [],
             "scheduler": applied.scheduler if applied else None,
             "optimizer": applied.optimizer if applied else None,
+            "scheduler_reinit": bool(applied and applied.scheduler_reinit),
+            "optimizer_reinit": bool(applied and applied.optimizer_reinit),
         }
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

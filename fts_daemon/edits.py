@@ -370,7 +370,8 @@ class EditQueue:
     def _check_keys(self, changes: Mapping[str, Any], fts: FinetuningScheduler) -> None:
         # in implicit mode the callback's reinit_*_cfg wins at every phase: a per-phase block would be ignored
         for key, cfg in (("new_lr_scheduler", "reinit_lr_cfg"), ("new_optimizer", "reinit_optim_cfg")):
-            if changes.get(key) is not None and getattr(fts, cfg, None):
+            # null too: removing a block the run never uses would be "applied" and change nothing
+            if key in changes and getattr(fts, cfg, None):
                 raise EditError(f"{key} cannot be edited: this run sets {cfg}, which applies at every phase instead")
 
     def _check_upcoming(self, index: int, fts: FinetuningScheduler) -> None:

@@ -84,6 +84,10 @@ class Applied:
     new_groups: list[int] = field(default_factory=list)  # indices of groups added for this phase
     scheduler: dict[str, Any] | None = None  # the spec now in force, None = still the module's own
     optimizer: dict[str, Any] | None = None
+    # whether this transition built a new scheduler / optimizer (the specs above may be an earlier phase's, and
+    # implicit mode builds the same spec afresh at every transition)
+    scheduler_reinit: bool = False
+    optimizer_reinit: bool = False
 
 
 class PhaseEngine:
@@ -186,6 +190,8 @@ class PhaseEngine:
         """
         applied = Applied(depth=depth)
         optim_spec = self.optim_spec_for(depth)
+        applied.optimizer_reinit = optim_spec is not None
+        applied.scheduler_reinit = depth > 0 and self.lr_spec_for(depth) is not None
         if optim_spec is not None:
             replay = list(range(0, depth + 1))
         elif restored_depth is not None:

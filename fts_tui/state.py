@@ -173,6 +173,9 @@ class TransitionInfo:
     scheduler: dict[str, Any] | None = None
     optimizer: dict[str, Any] | None = None
     new_groups: list[Any] = field(default_factory=list)
+    # whether the transition built a new scheduler / optimizer; None in recordings from before the daemon said so
+    scheduler_reinit: bool | None = None
+    optimizer_reinit: bool | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TransitionInfo:
@@ -185,6 +188,8 @@ class TransitionInfo:
             scheduler=d.get("scheduler"),
             optimizer=d.get("optimizer"),
             new_groups=list(d.get("new_groups") or []),
+            scheduler_reinit=None if d.get("scheduler_reinit") is None else bool(d["scheduler_reinit"]),
+            optimizer_reinit=None if d.get("optimizer_reinit") is None else bool(d["optimizer_reinit"]),
         )
 
     def describe(self) -> str:
@@ -294,6 +299,8 @@ class RunState:
         self.end_reason: str | None = None  # of a finished run: "completed", "stopped", ...
         self.phase = 0
         self.max_depth: int | None = None
+        self.reinit_lr_cfg: Mapping[str, Any] | None = None  # implicit mode's, from the schedule event
+        self.reinit_optim_cfg: Mapping[str, Any] | None = None
         self.epoch: int | None = None
         self.step: int | None = None
         self.last_seq = 0
@@ -405,6 +412,9 @@ class RunState:
             self.phase = data["depth"]
         if data.get("max_depth") is not None:
             self.max_depth = int(data["max_depth"])
+        # implicit mode: the scheduler (optimizer) config built afresh at every transition
+        self.reinit_lr_cfg = data.get("reinit_lr_cfg") if isinstance(data.get("reinit_lr_cfg"), Mapping) else None
+        self.reinit_optim_cfg = data.get("reinit_optim_cfg") if isinstance(data.get("reinit_optim_cfg"), Mapping) else None
         for p in data.get("phases") or []:
             for e in p.get("edits") or []:
                 self.store_edit(EditInfo.from_dict(e))
@@ -426,12 +436,15 @@ class RunState:
             p.state = "done" if p.index < tr.to_phase else "current" if p.index == tr.to_phase else p.state
         self.add_log("info", "transition", tr.describe(), ts, tr.step)
         old_sched = previous.scheduler if previous else None
-        if tr.scheduler and tr.scheduler != old_sched:
+        # the daemon says whether this transition built one; older recordings only show the spec changing
+        sched_reinit = tr.scheduler_reinit if tr.scheduler_reinit is not None else tr.scheduler != old_sched
+        if tr.scheduler and sched_reinit:
             pg = tr.scheduler.get("init_pg_lrs") if isinstance(tr.scheduler, Mapping) else None
             extra = f", init_pg_lrs [{', '.join(fmt_num(v) for v in pg)}]" if pg else ""
             self.add_log("info", "scheduler", f"scheduler reinitialized: {scheduler_summary(tr.scheduler)}{extra}", ts, tr.step)
         old_opt = previous.optimizer if previous else None
-        if tr.optimizer and tr.optimizer != old_opt:
+        optim_reinit = tr.optimizer_reinit if tr.optimizer_reinit is not None else tr.optimizer != old_opt
+        if tr.optimizer and optim_reinit:
             init = tr.optimizer.get("optimizer_init", tr.optimizer)
             self.add_log("info", "scheduler", f"optimizer reinitialized: {short_class(init.get('class_path'))}({fmt_args(init.get('init_args'))})", ts, tr.step)
         self.mark(SCHEDULE, LR, METRICS)
@@ -652,6 +665,8 @@ class RunState:
 
     def scheduler_in_force(self, phase: int) -> tuple[str, bool]:
         """(summary, reinit here): the LR scheduler that runs during ``phase``."""
+        if phase > 0 and self.reinit_lr_cfg is not None:
+            return scheduler_summary(self.reinit_lr_cfg), True
         for p in sorted((p for p in self.phases if p.index <= phase), key=lambda p: -p.index):
             if p.new_lr_scheduler and p.index > 0:
                 return scheduler_summary(p.new_lr_scheduler), p.index == phase

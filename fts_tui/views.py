@@ -124,8 +124,8 @@ def init_pg_lrs_text(state: RunState, phase: PhaseInfo) -> str:
 
 def _scheduler_text(state: RunState, phase: PhaseInfo) -> tuple[str, bool]:
     """(summary, reinit in this phase) for ``phase`` as given (it may carry queued edits)."""
-    if phase.index == 0:
-        return state.scheduler_in_force(0)
+    if phase.index == 0 or state.reinit_lr_cfg is not None:
+        return state.scheduler_in_force(phase.index)
     if phase.new_lr_scheduler:
         return scheduler_summary(phase.new_lr_scheduler), True
     return state.scheduler_in_force(phase.index - 1)[0], False
