@@ -89,7 +89,19 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:  # exists, owned by someone else
         return True
-    return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """Whether ``pid`` has exited and waits to be reaped (signal 0 still reaches it). A killed detached daemon stays
+    so until its parent, often init, reaps it: seconds on some hosts, while `--resume` was refused as "running"."""
+    try:
+        line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no /proc (not Linux), or it just went
+        return False
+    # the state follows the parenthesized command name, which may itself hold spaces and parentheses
+    end = line.rfind(")")
+    return line[end + 2 : end + 3] == "Z"
 
 
 def runtime_dir(create: bool = True) -> Path:

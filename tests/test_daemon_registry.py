@@ -112,3 +112,21 @@ def test_the_runs_table_stays_aligned_with_long_names() -> None:
     assert [line.index("ipc://") for line in lines[1:]] == [lines[0].index("ENDPOINTS")] * 3
     assert "minilm_defaults.yaml, minilm_explicit_reinit_lr.yaml" in lines[2]
     assert lines[3].split()[2:4] == ["–", "–"]  # no phase yet, no config
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_an_exited_process_not_yet_reaped_is_not_alive() -> None:
+    """A killed detached daemon stays a zombie until init reaps it (1-3 s on some hosts); `--resume` then said the
+    run was still running."""
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert registry.pid_alive(child.pid)
+        child.kill()
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child.pid}/stat").read_text().split(")")[-1].split()[0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert not registry.pid_alive(child.pid)  # signal 0 still reaches it
+    finally:
+        child.wait()
+    assert not registry.pid_alive(child.pid)
