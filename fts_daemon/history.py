@@ -131,6 +131,17 @@ def last_position(target: str | Path, tail_bytes: int = 256 * 1024) -> tuple[int
     return step, epoch
 
 
+def last_phase(target: str | Path, tail_bytes: int = 256 * 1024) -> int | None:
+    """The phase a recording last reported (a transition's ``to``, a schedule's ``depth``, a state or heartbeat's
+    ``phase``), or None: what a resumed start reports until its own fit start says."""
+    keys = {ev.TRANSITION: "to", ev.SCHEDULE: "depth", ev.STATE: "phase", ev.HEARTBEAT: "phase"}
+    for obj in _tail_records(target, tail_bytes):
+        data, key = obj.get("data"), keys.get(obj.get("kind"))  # type: ignore[arg-type]
+        if key is not None and isinstance(data, dict) and type(data.get(key)) is int:
+            return data[key]
+    return None
+
+
 def final_state(target: str | Path, tail_bytes: int = 256 * 1024) -> dict[str, Any] | None:
     """The data of a recording's last ``state`` event when it ended the run (``finished`` or ``failed``: reason,
     checkpoint, error, train_steps, train_seconds), else None (still going, killed, or nothing in the tail)."""

@@ -42,7 +42,7 @@ from fts_daemon import events as ev
 from fts_daemon import registry
 from fts_daemon.bus import BindRefused, BusConfig, CurveKeys, EventBus, OpError
 from fts_daemon.edits import EditError, EditQueue, Journal
-from fts_daemon.history import final_state, recorded_run_id
+from fts_daemon.history import final_state, last_phase, recorded_run_id
 
 log = logging.getLogger("fts_daemon.runner")
 
@@ -577,10 +577,18 @@ class Daemon:
         pub, ctl = self._endpoints()
         self._prepare_run_dir()
         self._dir_lock.acquire(self.run_id)  # before anything in the run dir is touched
+        # a daemon killed while writing a checkpoint leaves its temporary file (never taken for a checkpoint, but
+        # never replaced either when its name, like a stop checkpoint's, is not written again); this start holds the
+        # lock, so none is being written now
+        for torn in (self.run_dir / CHECKPOINT_DIR).glob(".*.ckpt.tmp"):
+            with contextlib.suppress(OSError):
+                torn.unlink()
+        resumed_phase = None
         if opts.resume and (self.run_dir / EVENTS_FILE).is_file():
             # how the previous start ended, read before this start's own events follow it in the file
             with contextlib.suppress(OSError):
                 self._previous_end = final_state(self.run_dir) or {}
+                resumed_phase = last_phase(self.run_dir)
         journal = self.run_dir / JOURNAL_FILE
         if not opts.resume and journal.exists():
             # a fresh start in a used run dir must not pick up the previous run's pending edits
@@ -621,6 +629,8 @@ class Daemon:
             ctl=ctl_ep,
             config=self._config_paths(),
             curve_server_key=curve.public.decode("ascii") if curve else None,
+            # a resumed start is in the phase its recording left off in until fit start says (`runs`, `status`)
+            phase=resumed_phase or 0,
         )
         registry.write_record(record)
         bus.watch(self._watch, (ev.STATE, ev.TRANSITION))

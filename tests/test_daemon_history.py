@@ -219,13 +219,18 @@ def test_resume_anywhere_keeps_history_and_run_facts(tmp_path: Path, monkeypatch
 
     # a third start, resumed in phase 1: the trainer holds phase 1's scheduler, and phase 0's comes from the
     # recording (the TUI showed "(module's own)" for phase 0 after such a resume)
+    torn = run_dir / "checkpoints" / ".stop-epoch=2-step=11.ckpt.tmp"  # as a kill during a stop's write leaves it
+    torn.write_bytes(b"PK\x03\x04 partial")
     with private_runtime_dir(monkeypatch):
         late = ControlProbe("h", "hello")
         third = start_daemon(configs=[], resume=True, run="h", run_dir=run_dir, callbacks=[late],
                              overrides=["--trainer.max_epochs=4"])
+        # listening, not yet training: `runs` and `status` already say the phase the recording left off in
+        assert registry.read_record("h").phase == 1
         assert third.join() == 0, third.daemon.error
     assert late.result is not None and late.result["phase"] == 1
     assert late.result["scheduler"] == hello["scheduler"]
+    assert not torn.exists() and (run_dir / "checkpoints" / "last.ckpt").is_file()
 
 
 def test_refused_edits_all_reach_a_snapshot() -> None:
