@@ -158,6 +158,7 @@ class FinetuningScheduler(Callback):
         self.base_max_lr = base_max_lr
         self.restore_best = restore_best
         self.gen_ft_sched_only = gen_ft_sched_only
+        self.generated_schedule_file: Path | None = None  # written by gen_ft_sched_only, on rank 0
         self.epoch_transitions_only = epoch_transitions_only
         self.reinit_optim_cfg = reinit_optim_cfg
         self.reinit_lr_cfg = reinit_lr_cfg
@@ -326,6 +327,9 @@ class FinetuningScheduler(Callback):
                 "reinit_lr_cfg applies one scheduler at every phase of a generated schedule; with an explicit "
                 "ft_schedule put new_lr_scheduler in the phases instead"
             )
+        if isinstance(self.max_depth, bool) or not isinstance(self.max_depth, int) or self.max_depth < -1:
+            # FTS takes any negative as given (and -5 then runs as if phase 0 were past the limit): refuse it
+            problems.append(f"max_depth = {self.max_depth!r}: -1 (run every phase) or the index of the last phase to run")
         param_names = [n for n, _ in pl_module.named_parameters()]
         try:
             raw, implicit = self._raw_schedule(pl_module, param_names)
@@ -392,6 +396,7 @@ class FinetuningScheduler(Callback):
         if self.strategy_adapter_cfg or self.custom_strategy_adapters:
             self._warn("strategy_adapter_cfg / custom_strategy_adapters are accepted for compatibility and ignored")
         schedule, warns, implicit = self.build_schedule(pl_module)
+        path = None
         if implicit:
             path = self._write_schedule(
                 f"{type(pl_module).__name__}_ft_schedule.yaml", dump_schedule(schedule, resolved=False)
@@ -400,9 +405,10 @@ class FinetuningScheduler(Callback):
                 rank_zero_info(f"fts: generated fine-tuning schedule written to {path}")
         if self.gen_ft_sched_only:
             if not implicit:
-                self._write_schedule(
+                path = self._write_schedule(
                     f"{type(pl_module).__name__}_ft_schedule.yaml", dump_schedule(schedule, resolved=False)
                 )
+            self.generated_schedule_file = path  # the daemon reports where it went
             raise SystemExit(0)
         if not implicit:
             self._write_schedule(f"{type(pl_module).__name__}_ft_schedule.yaml", dump_schedule(schedule, resolved=False))

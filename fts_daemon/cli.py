@@ -195,7 +195,7 @@ def _settle(record: registry.RunRecord, child: subprocess.Popen, state: str) -> 
                 state = str(ctl.request("hello").get("state"))
         except ControlError:
             pass  # busy, or gone: child.poll() tells
-    if state == "failed":  # it exits once its end is published and recorded
+    if state in ("failed", "finished"):  # it exits once its end is published and recorded
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.wait(timeout=10)
     return state
@@ -247,6 +247,13 @@ def _detach(options: Any, passthrough: list[str]) -> int:
                     reason = end.get("error") or f"the daemon exited with code {child.poll()}"
                     print(f"fts-daemon: run {record.run} failed: {reason}\n  log     : {log_path}", file=sys.stderr)
                     return 1
+                if child.poll() == 0:  # done already: e.g. gen_ft_sched_only, or stopped before training
+                    end = final_state(run_dir) or {}
+                    what = str(end.get("reason") or "finished")
+                    where = f" ({end['schedule_file']})" if end.get("schedule_file") else ""
+                    print(f"fts-daemon: run {record.run} finished: {what}{where}\n  run dir : {record.run_dir}\n"
+                          f"  log     : {log_path}")
+                    return 0
                 note = " and is still starting" if state == "starting" else ""
                 print(f"fts-daemon: run {record.run} started in the background (pid {record.pid}){note}")
                 print(f"  run dir : {record.run_dir}\n  log     : {log_path}")

@@ -140,6 +140,7 @@ def _check(
             captured["initial"] = initial_scheduler_problems(trainer)  # last: it moves the real schedulers
             raise _Checked()
 
+    fts = None
     with tempfile.TemporaryDirectory(prefix="fts-validate-") as tmp:
         try:
             built = build_from_config(
@@ -163,6 +164,12 @@ def _check(
             return result
         except Exception as err:  # a model or datamodule that fails to set up is a config problem here
             result.problems = [f"{type(err).__name__}: {one_line(err)}"]
+            return result
+        except SystemExit as err:  # the callback exits once it has written a generated schedule
+            why = ("gen_ft_sched_only = true: this config writes the generated schedule and exits without training; "
+                   "set it to false to check or plan the run") if fts is not None and fts.gen_ft_sched_only else (
+                   f"the run exited during setup (SystemExit {err.code!r})")
+            result.problems = [why]
             return result
     fts = captured.get("fts")
     if fts is None:

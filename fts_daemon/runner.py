@@ -920,7 +920,12 @@ class Daemon:
                 self._publish(ev.STATE, {"state": "finished", "error": None, "reason": "stopped before training"})
                 return 0
             if err.code in (0, None):  # gen_ft_sched_only: the schedule was written, nothing to train
-                self._publish(ev.STATE, {"state": "finished", "error": None, "reason": "schedule generated"})
+                fts = find_fts_callback(self.trainer) if self.trainer is not None else None
+                written = getattr(fts, "generated_schedule_file", None)
+                self._publish(ev.STATE, {"state": "finished", "error": None, "reason": "schedule generated",
+                                         "schedule_file": None if written is None else str(written)})
+                self._print(f"fts-daemon: run {self.run_id} finished: schedule generated"
+                            + (f" ({written})" if written else ""))
                 return 0
             # Lightning exits this way after a KeyboardInterrupt (our second SIGINT/SIGTERM)
             self.error = f"interrupted (exit {err.code})"

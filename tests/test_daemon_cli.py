@@ -10,11 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fts_daemon import events as ev
 from fts_daemon import registry
 
-from .daemon_support import SCHEDULE, private_runtime_dir, read_events, wait_for, write_config
+from .daemon_support import REPO, SCHEDULE, private_runtime_dir, read_events, wait_for, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -268,3 +269,23 @@ def test_start_batch_ms_flag(capsys: pytest.CaptureFixture[str]) -> None:
         with pytest.raises(SystemExit):
             build_parser().parse_args(["start", "--config", "c.yaml", "--batch-ms", bad])
         assert f"--batch-ms: must be milliseconds from 0 to 1000, got '{bad}'" in capsys.readouterr().err
+
+
+def test_detach_of_a_generate_only_config_says_where_the_schedule_went(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """It said "started in the background ... and is still starting" for a daemon that had already exited."""
+    cfg = yaml.safe_load((REPO / "configs" / "demo_implicit_reinit_lr.yaml").read_text())
+    fts_cb = next(cb for cb in cfg["trainer"]["callbacks"] if cb["class_path"] == "fts_daemon.FinetuningScheduler")
+    fts_cb["init_args"]["gen_ft_sched_only"] = True
+    path = tmp_path / "gen.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with private_runtime_dir(monkeypatch):
+        out = fts("start", "--config", str(path), "--run", "gen1", "--run-dir", str(tmp_path / "run"), "--detach",
+                  cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "still starting" not in out.stdout and "started in the background" not in out.stdout
+    first = out.stdout.splitlines()[0]
+    assert first.startswith("fts-daemon: run gen1 finished: schedule generated (") and first.endswith(
+        "TinyClassifier_ft_schedule.yaml)"), out.stdout
+    written = Path(first.split("(", 1)[1].rstrip(")"))
+    assert written.is_file() and yaml.safe_load(written.read_text())[0]["params"]

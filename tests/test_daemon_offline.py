@@ -135,3 +135,25 @@ def test_a_limit_behind_an_earlier_one_is_warned_about(tmp_path: Path) -> None:
     assert ("phase 1: max_transition_epoch 1 is not after an earlier phase's (2): the phase ends after its first "
             "epoch") in result.warnings
     assert not any("max_transition_epoch" in w for w in check_config([write_config(tmp_path)]).warnings)
+
+
+def implicit_with(tmp_path: Path, name: str, **fts_args: object) -> Path:
+    cfg = yaml.safe_load((CONFIGS / "demo_implicit_reinit_lr.yaml").read_text())
+    fts = next(cb for cb in cfg["trainer"]["callbacks"] if cb["class_path"] == "fts_daemon.FinetuningScheduler")
+    fts["init_args"].update(fts_args)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_a_generate_only_config_says_so_and_a_negative_max_depth_is_refused(tmp_path: Path) -> None:
+    """``validate``/``plan`` of a gen_ft_sched_only config printed nothing and exited 0 (the callback's SystemExit
+    went past them); max_depth -5 ran every phase (only -1 means that)."""
+    for plan in (False, True):
+        gen = check_config([implicit_with(tmp_path, "gen", gen_ft_sched_only=True)], plan=plan)
+        assert not gen.ok and gen.problems == [
+            "gen_ft_sched_only = true: this config writes the generated schedule and exits without training; set it "
+            "to false to check or plan the run"]
+    assert check_config([implicit_with(tmp_path, "neg", max_depth=-5)]).problems == [
+        "max_depth = -5: -1 (run every phase) or the index of the last phase to run"]
+    assert check_config([implicit_with(tmp_path, "all", max_depth=-1)]).ok
