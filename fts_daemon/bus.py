@@ -644,6 +644,11 @@ class EventBus:
                 continue
             reply = self._answer(body, envelope)
             if reply is not None:  # None: a slow op, answered by the worker later
+                if not self._queue.empty():
+                    # what the op published (an accepted edit, the schedule it changes) is sent and recorded before
+                    # the reply: a client told "queued" finds the event in events.jsonl even if the daemon dies next
+                    while self._drain() >= MAX_EVENTS_PER_TURN:
+                        pass
                 self._reply(ctl, envelope, reply)
 
     def _reply(self, ctl: zmq.Socket, envelope: list[bytes], body: bytes) -> None:

@@ -854,3 +854,27 @@ def test_loads_reads_and_refuses_exactly_what_json_loads_does(
             return "refused", ""
 
     assert outcome(ev.loads) == outcome(json.loads)
+
+
+def test_what_an_op_publishes_is_recorded_before_its_reply(rt: Path, tmp_path: Path) -> None:
+    """A daemon killed right after replying "queued" left no ``edit`` event in events.jsonl (found killing daemons
+    in the millisecond after the reply): the event waited for the next batch, up to batch_ms later."""
+    bus = make_bus(rt, tmp_path, heartbeat_s=60, batch_ms=500)
+
+    def queue_edit(args: dict) -> dict:
+        record = {"id": "e1", "phase": 2, "status": "queued"}
+        bus.publish(ev.EDIT, {"edit": record})  # as the edit queue does, from the I/O thread
+        return record
+
+    bus.register("queue_edit", queue_edit, ("phase", "changes"))
+    try:
+        path = tmp_path / "events.jsonl"
+        for i in range(20):
+            bus.publish(ev.LR, {"lrs": {"pg1": 0.1}}, i, 0)  # a batch just went out: the next is batch_ms away
+        wait_for(lambda: drained(bus, 20))
+        with Control(bus.endpoints[1]) as ctl:
+            ctl.request("queue_edit", phase=2, changes={"lr": 1.0})
+            lines = path.read_text(encoding="utf-8").splitlines()  # no wait
+        assert json.loads(lines[-1])["kind"] == ev.EDIT, lines[-1]
+    finally:
+        bus.close()
