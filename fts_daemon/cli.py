@@ -305,7 +305,21 @@ def _status(record: registry.RunRecord) -> dict[str, Any]:
             out["step"], out["epoch"] = last_position(record.run_dir)
             end = final_state(record.run_dir) or {}
             out.update({k: end.get(k) for k in ("reason", "checkpoint", "error", "train_steps", "train_seconds")})
+            if out["state"] == "dead" and end.get("state") in ("finished", "failed"):
+                out["state"] = end["state"]  # see run_state
     return out
+
+
+def run_state(record: registry.RunRecord) -> str:
+    """The registry's state of a run, or for a dead one the end its recording holds: a daemon killed after it
+    recorded ``finished`` but before it updated the registry did finish."""
+    state = record.live_state
+    if state == "dead" and record.run_dir:
+        with contextlib.suppress(OSError):
+            end = final_state(record.run_dir) or {}
+            if end.get("state") in ("finished", "failed"):
+                return str(end["state"])
+    return state
 
 
 def _duration(seconds: float) -> str:
@@ -356,7 +370,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
                                                                                   else ""))
     records = list(registry.iter_records())
     rows = [
-        {"run": r.run, "state": r.live_state, "phase": r.phase, "pid": r.pid, "config": r.config,
+        {"run": r.run, "state": run_state(r), "phase": r.phase, "pid": r.pid, "config": r.config,
          "run_dir": r.run_dir, "pub": r.pub, "ctl": r.ctl, "started": r.started}
         for r in records
     ]

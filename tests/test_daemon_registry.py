@@ -130,3 +130,25 @@ def test_an_exited_process_not_yet_reaped_is_not_alive() -> None:
     finally:
         child.wait()
     assert not registry.pid_alive(child.pid)
+
+
+def test_a_dead_run_whose_recording_ends_finished_is_finished(tmp_path: Path) -> None:
+    """Killed between recording ``finished`` and updating the registry, a stopped run was listed as dead."""
+    import dataclasses
+
+    from fts_daemon.cli import _status, run_state
+    from fts_daemon.events import STATE, Event, event_to_json_line
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid nothing runs under any more
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    record = dataclasses.replace(_record("k", gone.pid, time.time(), state="stopping"), run_dir=str(run_dir))
+    lines = [Event(STATE, 1, 1.0, "k", "d", {"state": "stopping", "error": None}, step=7, epoch=1)]
+    (run_dir / "events.jsonl").write_text("".join(event_to_json_line(e) + "\n" for e in lines))
+    assert run_state(record) == "dead" and _status(record)["state"] == "dead"  # it died while stopping
+    lines.append(Event(STATE, 2, 2.0, "k", "d", {"state": "finished", "error": None, "reason": "stopped",
+                                                   "checkpoint": "/x/stop.ckpt"}, step=7, epoch=1))
+    (run_dir / "events.jsonl").write_text("".join(event_to_json_line(e) + "\n" for e in lines))
+    status = _status(record)
+    assert run_state(record) == "finished" and status["state"] == "finished" and status["reason"] == "stopped"
