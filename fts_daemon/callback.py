@@ -722,6 +722,8 @@ class FinetuningScheduler(Callback):
             raise ValueError(f"phase {phase.index} has already started (current phase is {self._depth})")
         self.schedule.phases[phase.index] = phase
         self.engine.schedule = self.schedule
+        if self.pl_module is not None:  # the copy in log_dir (where FTS writes it) shows the edit too
+            self._write_schedule(f"{type(self.pl_module).__name__}_ft_schedule_effective.yaml", dump_schedule(self.schedule))
 
     # ------------------------------------------------------------------------------------------ checkpointing
 

@@ -213,6 +213,11 @@ def test_edit_queued_mid_run_equals_the_yaml(runs: dict) -> None:
     effective = yaml.safe_load((runs["base"] / "a" / "schedule_effective.yaml").read_text())
     assert effective[2]["new_lr_scheduler"]["lr_scheduler_init"] == EXP_MERGED and effective[2]["lr"] == 4.0e-3
     assert effective[1]["max_transition_epoch"] == 4  # e3 (cancelled) never applied
+    # and the copy the callback keeps in its log_dir, where FTS writes it (it was written once, before any edit)
+    (logged,) = (runs["base"] / "a").glob("lightning_logs/version_*/*_ft_schedule_effective.yaml")
+    in_log_dir = yaml.safe_load(logged.read_text())
+    assert in_log_dir[2]["new_lr_scheduler"]["lr_scheduler_init"] == EXP_MERGED and in_log_dir[2]["lr"] == 4.0e-3
+    assert in_log_dir[1]["new_lr_scheduler"]["lr_scheduler_init"]["init_args"]["gamma"] == 0.6
     # the schedule events carried the queued edits per phase while they were pending
     sched = [e.data for e in a_events if e.kind == ev.SCHEDULE and e.data["phases"][2]["edits"]]
     assert {x["id"] for x in sched[-1]["phases"][2]["edits"]} == {"e1", "e2", "e5"}
