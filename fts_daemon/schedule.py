@@ -313,9 +313,11 @@ def parse_lr_scheduler_spec(
     problems: list[Problem] = []
     if not isinstance(raw, Mapping):
         return None, [problem("must be a mapping with an `lr_scheduler_init` block", phase, key, raw)]
+    # implicit mode refuses init_pg_lrs (below): an unknown key's hint must not offer it
+    known = [k for k in LR_SCHEDULER_KEYS if not (implicit and k == "init_pg_lrs")]
     for k in raw:
         if k not in LR_SCHEDULER_KEYS:
-            problems.append(problem(f"unknown key (expected one of {', '.join(LR_SCHEDULER_KEYS)})", phase, f"{key}.{k}"))
+            problems.append(problem(f"unknown key (expected one of {', '.join(known)})", phase, f"{key}.{k}"))
     if "lr_scheduler_init" not in raw:
         problems.append(problem("an `lr_scheduler_init` block with a `class_path` is required", phase, key))
         return None, problems

@@ -8,6 +8,7 @@ Every problem is one line naming the phase, key, value and reason; all problems 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -229,8 +230,14 @@ def validate_schedule(schedule: Schedule, opts: ValidationOptions) -> Validation
             okey = "reinit_optim_cfg" if opts.reinit_optim_cfg is not None else "new_optimizer"
             _check_optim_spec(optim_spec, phase.index, okey, opts, problems)
         if opts.reinit_lr_cfg is not None or opts.reinit_optim_cfg is not None:
-            # implicit configs are the same at every phase: report their problems once
+            # implicit configs are the same at every phase: report their problems once, as the config's (they were
+            # found while checking this phase, whose group count the dry run used, but belong to no phase)
             if problems:
+                problems = [
+                    dataclasses.replace(p, phase=None)
+                    if p.key and p.key.startswith(("reinit_lr_cfg", "reinit_optim_cfg")) else p
+                    for p in problems
+                ]
                 break
     # FTS notes this too: the phase starts once the earlier limit is reached and its own is already behind it
     mark = -1

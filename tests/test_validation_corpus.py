@@ -217,3 +217,23 @@ def test_unmatched_params_come_with_the_class_and_argument_problems(tmp_path: An
     assert any(line.startswith("phase 1: params = 'nope.*': matches no parameter") for line in lines), lines
     assert any(line.startswith("phase 1: new_lr_scheduler.lr_scheduler_init.init_args.gamma = 'abc'") for line in lines)
     assert any(line.startswith("phase 2: new_optimizer.optimizer_init.class_path = 'torch.optim.Nope'") for line in lines)
+
+
+def test_implicit_config_problems_belong_to_the_config_not_a_phase(tmp_path: Any) -> None:
+    """They were reported as "phase 1: reinit_lr_cfg...", and an unknown key's hint offered init_pg_lrs, which
+    implicit mode refuses."""
+    bad = {**STEP_LR, "bogus": 1, "pl_lrs_cfg": {"reduce_on_plateau": True}}
+    t = trainer(tmp_path, [FinetuningScheduler(reinit_lr_cfg=bad, restore_best=False)], max_epochs=1)
+    with pytest.raises(MisconfigurationException) as info:
+        t.fit(TinyNet(), *loaders())
+    lines = str(info.value).splitlines()
+    assert ("reinit_lr_cfg.bogus: unknown key (expected one of lr_scheduler_init, pl_lrs_cfg, "
+            "use_current_optimizer_pg_lrs)") in lines, lines
+    plateau = RLROP["lr_scheduler_init"]
+    t = trainer(tmp_path, [FinetuningScheduler(reinit_lr_cfg={"lr_scheduler_init": plateau}, restore_best=False)],
+                max_epochs=1)
+    with pytest.raises(MisconfigurationException) as info:
+        t.fit(TinyNet(), *loaders())
+    lines = str(info.value).splitlines()
+    assert any(line.startswith("reinit_lr_cfg.pl_lrs_cfg: ReduceLROnPlateau needs") for line in lines), lines
+    assert not any(line.startswith("phase ") for line in lines), lines
