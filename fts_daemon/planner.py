@@ -166,17 +166,31 @@ class PlanError(ValueError):
     """A plan that cannot be asked for (e.g. start epochs for phases the schedule lacks)."""
 
 
-def check_transition_epochs(transition_epochs: Mapping[int, int], schedule: Schedule) -> None:
-    """Raise PlanError unless every phase named exists after phase 0, starts no later than the phase before it must
-    end (its ``max_transition_epoch``), and the start epochs rise with the phase."""
+def check_transition_epochs(transition_epochs: Mapping[int, int], schedule: Schedule, max_depth: int | None = None,
+                            max_epochs: int | None = None) -> None:
+    """Raise PlanError unless every phase named exists after phase 0 and runs (``max_depth``), starts within the run
+    (``max_epochs``) and no later than the phase before it must end (its ``max_transition_epoch``), that phase itself
+    starts (given, or reached through limits), and the start epochs rise with the phase: a start the simulation could
+    not use is refused rather than silently left out."""
     n_phases = len(schedule)
     given = sorted(transition_epochs.items())
     for phase, epoch in given:
         if not 1 <= phase < n_phases:
             raise PlanError(f"phase {phase} cannot be given a start epoch: the schedule has phases 0..{n_phases - 1}, "
                             "and phase 0 starts at epoch 0")
+        if max_depth is not None and phase > max_depth:
+            raise PlanError(f"phase {phase} does not run: max_depth is {max_depth}")
         if epoch < 1:
             raise PlanError(f"phase {phase} cannot start at epoch {epoch}: the earliest is epoch 1")
+        if max_epochs is not None and epoch >= max_epochs:
+            raise PlanError(f"phase {phase} cannot start at epoch {epoch}: the run ends after epoch {max_epochs - 1} "
+                            f"(max_epochs {max_epochs})")
+        before = phase - 1
+        while before > 0 and before not in transition_epochs and schedule[before - 1].max_transition_epoch >= 0:
+            before -= 1  # phase `before` starts at its predecessor's limit: look further back
+        if before > 0 and before not in transition_epochs:
+            raise PlanError(f"phase {phase} cannot start before phase {before} does, and nothing says when that is "
+                            f"(phase {before - 1} has no max_transition_epoch; give phase {before} a start too)")
         limit = schedule[phase - 1].max_transition_epoch
         if limit < 0:  # ended by early stopping only: any start is possible
             continue
@@ -222,7 +236,7 @@ def plan_run(
     host = SimpleHost(setup.optimizer, setup.lr_configs)
     engine = PhaseEngine(copy.deepcopy(schedule), settings)
     transition_epochs = dict(transition_epochs or {})
-    check_transition_epochs(transition_epochs, schedule)
+    check_transition_epochs(transition_epochs, schedule, max_depth, max_epochs)
     plan = Plan(phase_starts=[{"phase": 0, "epoch": 0, "step": 0}])
     epochs = max_epochs
     if max_steps is not None and steps_per_epoch > 0 and max_epochs * steps_per_epoch > max_steps:

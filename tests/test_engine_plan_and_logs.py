@@ -326,3 +326,24 @@ def test_a_bounded_plan_records_the_full_plans_values_at_fewer_steps_and_stops_a
     assert [p["phase"] for p in short.phase_starts] == [p["phase"] for p in full.phase_starts if p["epoch"] < 9]
     sampled, stride = bounded.sampled(40)  # thinned again for a reply: strides multiply
     assert stride == sampled.stride == bounded.stride * -(-len(bounded.steps) // 40)
+
+
+def test_start_epochs_the_simulation_could_not_use_are_refused() -> None:
+    """Such starts were left out without a word: a plan that silently ignored what the user asked for."""
+    from fts_daemon.planner import PlanError, check_transition_epochs
+    from fts_daemon.schedule import parse_schedule
+
+    schedule, _ = parse_schedule({i: {"params": [f"layer.{i}.*"]} for i in range(6)}, 1e-5)  # ended by early stopping
+    schedule.phases[2].max_transition_epoch = 5  # phase 3 starts at epoch 5 whenever phase 2 runs
+    check_transition_epochs({1: 2, 2: 4, 4: 7}, schedule, max_depth=4, max_epochs=10)  # 3 follows from 2's limit
+    for given, kw, reason in (
+        ({1: 2, 3: 6}, {}, "phase 3 cannot start before phase 2 does, and nothing says when that is (phase 1 has no "
+                           "max_transition_epoch; give phase 2 a start too)"),
+        ({2: 3}, {}, "phase 2 cannot start before phase 1 does"),
+        ({4: 7}, {}, "phase 4 cannot start before phase 2 does"),  # 3 would follow 2, but 2 never starts
+        ({1: 2, 2: 3, 5: 8}, {"max_depth": 4}, "phase 5 does not run: max_depth is 4"),
+        ({1: 20}, {"max_epochs": 16}, "phase 1 cannot start at epoch 20: the run ends after epoch 15 (max_epochs 16)"),
+    ):
+        with pytest.raises(PlanError) as info:
+            check_transition_epochs(given, schedule, **kw)
+        assert str(info.value).startswith(reason), (given, str(info.value))
