@@ -32,7 +32,7 @@ import zmq.asyncio
 
 from fts_daemon import events as ev
 from fts_tui.source import DEFAULT_SCHEDULERS, PLAN_TIMEOUT_S, RequestError
-from fts_tui.state import PlanData, RunState, plan_args
+from fts_tui.state import HEADER, PlanData, RunState, plan_args
 
 if TYPE_CHECKING:
     from fts_daemon.registry import RunRecord
@@ -354,8 +354,10 @@ class LiveSource:
             if record is not None and not record.alive:
                 # the registered daemon has exited (attached after the run ended, or it crashed): say so, and go on
                 # asking, in case `fts-daemon start --resume` brings the run back
-                if self.state.last_heard is None:  # nothing heard from it: its state is the registry's
+                if self.state.last_heard is None or self.state.status not in ("finished", "failed"):
+                    # nothing heard from it, or it died mid-run (killed): its state is the registry's ("dead")
                     self.state.status = record.live_state
+                    self.state.mark(HEADER)
                 if self.state.connection != "ended":  # read the recording's tail once, not at every retry
                     self.state.set_connection("ended", _ended_note(record))
             elif self.state.connection not in ("lost", "ended") and self.state.last_heard is not None:

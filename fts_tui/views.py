@@ -23,6 +23,7 @@ STATUS_STYLE = {
     "stopping": "#ffb74d",
     "finished": "bold #4fc3f7",
     "failed": "bold #e57373",
+    "dead": "bold #e57373",  # its daemon exited without recording an end (killed)
 }
 CONNECTION_STYLE = {
     "live": "bold #81c784",
@@ -88,7 +89,7 @@ def header_lines(state: RunState, now: float, source: str, throttled: float | No
     first += [("  step ", "dim"), ("–" if state.step is None else str(state.step), "bold")]
     average = state.finished and state.run_rate is not None
     # while the daemon is not heard from, the last window's rate is no longer the run's: show none
-    rate = state.steps_per_second() if average or state.connection != "lost" else None
+    rate = state.steps_per_second() if average or state.connection not in ("lost", "ended") else None
     first += [("  ", ""), ("–" if rate is None else f"{rate:.1f}", "bold"),
               (" steps/s avg" if average else " steps/s", "dim")]
     if state.status == "failed" and state.error:

@@ -22,6 +22,7 @@ from fts_daemon.client import Control
 from fts_tui.client import LiveSource, ResolveError, Target, resolve_target, snapshot_args
 from fts_tui.source import RequestError
 from fts_tui.state import RunState
+from fts_tui.views import header_lines
 from tests.data.make_recordings import build_run, plan_for
 
 EVENTS = build_run()
@@ -206,7 +207,7 @@ async def test_attaching_to_a_run_whose_daemon_has_exited_says_so_and_waits_for_
     pub, ctl = f"tcp://127.0.0.1:{port_pub}", f"tcp://127.0.0.1:{port_ctl}"
     registry.write_record(registry.RunRecord(run="r2", pid=int(gone.stdout), daemon="d0", run_dir=str(run_dir),
                                              pub=pub, ctl=ctl, state="finished"))
-    source = LiveSource(resolve_target("r2"), request_timeout=0.5)
+    source = LiveSource(resolve_target("r2"), request_timeout=0.5, heartbeat_timeout=1.5)
     task = asyncio.get_running_loop().create_task(source.run())
     try:
         await until(lambda: source.state.connection == "ended")
@@ -222,6 +223,13 @@ async def test_attaching_to_a_run_whose_daemon_has_exited_says_so_and_waits_for_
             await until(lambda: source.state.connection == "live" and source.state.step is not None)
         finally:
             restarted.close()
+        # killed mid-run: the registry still says training, but its pid is gone. The header said "● training" with
+        # the last steps/s under "ended"
+        registry.update_record("r2", pid=int(gone.stdout))
+        await until(lambda: source.state.connection == "ended", timeout=15)
+        assert source.state.status == "dead"
+        header = "".join(cell for cell, _ in header_lines(source.state, now=time.time(), source="live")[0])
+        assert "● dead" in header and "– steps/s" in header, header
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
