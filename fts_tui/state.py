@@ -388,6 +388,8 @@ class RunState:
         if changed and new not in ("training", "transition"):
             level = "error" if new == "failed" else "info"
             text = f"run {new}" + (f": {self.error}" if new == "failed" and self.error else "")
+            if new == "finished" and self.end_reason not in (None, "completed"):
+                text += f" ({self.end_reason})"  # stopped, schedule generated, stopped before training
             self.add_log(level, "state", text, ev.ts, ev.step)
 
     def _take_run_rate(self, data: Mapping[str, Any]) -> None:

@@ -578,6 +578,9 @@ def test_a_stopped_run_says_stopped_in_the_header() -> None:
     done = RunState()
     done.load_events(events)
     assert "● finished" in "".join(cell for cell, _ in header_lines(done, now=stopped.ts, source="live")[0])
+    # the log says how it ended when that was not the run's own end
+    assert [e.text for e in s.log if e.kind == "state"][-1] == "run finished (stopped)"
+    assert [e.text for e in done.log if e.kind == "state"][-1] == "run finished"
 
 
 def test_a_lost_connection_shows_no_stale_rate() -> None:
