@@ -566,7 +566,8 @@ class FinetuningScheduler(Callback):
             full = self.schedule.to_dict(resolved=False)
             full[index] = phase.to_dict(resolved=False)
             schedule, _ = parse_schedule(full, self.base_max_lr)
-            resolve_params(schedule, [n for n, _ in trainer.lightning_module.named_parameters()])
+            resolve_params(schedule, [n for n, _ in trainer.lightning_module.named_parameters()],
+                           settled_through=index)  # as rank 0's replace_phase: see there
             self.replace_phase(schedule[index])
 
     def _transition_reason(self, trainer: pl.Trainer) -> str:
@@ -722,7 +723,13 @@ class FinetuningScheduler(Callback):
             raise ValueError(f"phase {phase.index} has already started (current phase is {self._depth})")
         self.schedule.phases[phase.index] = phase
         self.engine.schedule = self.schedule
-        if self.pl_module is not None:  # the copy in log_dir (where FTS writes it) shows the edit too
+        if self.pl_module is not None:
+            # an edited phase may take a parameter a later phase still names (that phase's own queued edit takes it
+            # out at its transition): until then the later phase leaves it out, so it is never thawed twice
+            for w in resolve_params(self.schedule, [n for n, _ in self.pl_module.named_parameters()],
+                                    shared_param_aliases(self.pl_module), settled_through=phase.index):
+                self._warn(w)
+            # the copy in log_dir (where FTS writes it) shows the edit too
             self._write_schedule(f"{type(self.pl_module).__name__}_ft_schedule_effective.yaml", dump_schedule(self.schedule))
 
     # ------------------------------------------------------------------------------------------ checkpointing
@@ -798,7 +805,11 @@ class FinetuningScheduler(Callback):
         if saved_schedule:
             try:
                 schedule, _ = parse_schedule(saved_schedule, self.base_max_lr)
-                resolve_params(schedule, [n for n, _ in pl_module.named_parameters()], shared_param_aliases(pl_module))
+                # an edit may have moved a parameter into a phase that has started, out of a later one whose own
+                # edit (still queued, re-queued by the daemon) takes it out there
+                for w in resolve_params(schedule, [n for n, _ in pl_module.named_parameters()],
+                                        shared_param_aliases(pl_module), settled_through=self._depth):
+                    self._warn(w)
             except ScheduleError as err:
                 raise FTSConfigError([f"checkpoint schedule: {p}" for p in err.problems]) from None
             if self.schedule is not None and schedule.to_dict() != self.schedule.to_dict():

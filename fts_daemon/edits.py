@@ -248,7 +248,12 @@ class EditQueue:
                 return
             step = int(fts.trainer.global_step) if fts.trainer is not None else None
             try:
-                schedule, report = self._candidate({next_depth: todo})
+                # with every edit still queued, as each was accepted: an edit that moves a parameter here from a
+                # later phase is valid only with the edit that takes it out there
+                try:
+                    schedule, report = self._candidate(self._pending_by_phase())
+                except EditError:  # a later phase's edit no longer fits: this phase's may still, alone
+                    schedule, report = self._candidate({next_depth: todo})
             except EditError as err:
                 for edit in todo:
                     self._set_status(edit, "rejected", error=f"at the transition into phase {next_depth}: {err}")
@@ -419,7 +424,9 @@ class EditQueue:
             schedule, _ = parse_schedule(raw, fts.base_max_lr)
             opts = fts.validation_options(self._n0, getattr(module, "no_decay", None))
             try:
-                resolve_params(schedule, [n for n, _ in module.named_parameters()], shared_param_aliases(module))
+                # phases that have started keep their params; phases this check edits may not name them
+                resolve_params(schedule, [n for n, _ in module.named_parameters()], shared_param_aliases(module),
+                               settled_through=fts.curr_depth, strict={p for p, es in overrides.items() if es})
             except ScheduleError as err:  # with what the classes and arguments would be refused for, in one reply
                 raise ScheduleError(err.problems + class_problems(schedule, opts)) from None
             report = validate_schedule(schedule, opts)

@@ -14,7 +14,7 @@ import copy
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -501,12 +501,20 @@ def resolve_params(
     schedule: Schedule,
     param_names: Sequence[str],
     shared_aliases: Mapping[str, str] | None = None,
+    settled_through: int = -1,
+    strict: Collection[int] = (),
 ) -> list[str]:
     """Fill each phase's ``resolved`` list; raise on unmatched patterns or phases that overlap.
 
     An entry that is an exact parameter name matches that name; otherwise it is a regex matched with ``re.match``
     (anchored at the start, as FTS does). Shared-parameter aliases (names that ``named_parameters()`` hides because
     they point to an already-registered tensor) are pruned with a warning. Returns warnings.
+
+    ``settled_through``: phases up to this index have started (or are starting) with their params: a later phase
+    that names one of theirs leaves it out, with a warning, instead of clashing. This is the state a queued edit that
+    moves a parameter into an earlier phase leaves between the two transitions (the later phase's own edit, which
+    removes it there, applies at its own transition), and what a resume from that moment finds in the checkpoint.
+    Phases in ``strict`` (those an edit being checked changes) clash as usual: an edit may not name them itself.
     """
     problems: list[Problem] = []
     warnings: list[str] = []
@@ -541,6 +549,15 @@ def resolve_params(
                     continue
                 resolved.append(name)
                 via[(phase.index, name)] = pattern
+        if phase.index > settled_through >= 0 and phase.index not in strict:
+            taken = [n for n in resolved if owner.get(n, phase.index) <= settled_through]
+            if taken:
+                resolved = [n for n in resolved if n not in taken]
+                warnings.append(
+                    f"phase {phase.index}: params: {', '.join(taken)} already thawed by phase "
+                    f"{', '.join(str(i) for i in sorted({owner[n] for n in taken}))}; phase {phase.index} leaves "
+                    f"{'it' if len(taken) == 1 else 'them'} out"
+                )
         for name in resolved:
             if name in owner and owner[name] != phase.index:
                 overlaps.setdefault(name, [owner[name]]).append(phase.index)
