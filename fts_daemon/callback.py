@@ -180,6 +180,7 @@ class FinetuningScheduler(Callback):
         self.schedule: Schedule | None = None
         self.engine: PhaseEngine | None = None
         self.report: ValidationReport | None = None
+        self._configured_max_epochs: int | None = None  # the trainer's, before the final phase's limit raises it
         self._depth = 0
         self._restored: dict[str, Any] | None = None
         self._resume_plateau: dict[str, Any] | None = None
@@ -420,17 +421,8 @@ class FinetuningScheduler(Callback):
         self.schedule = schedule
         n = len(schedule)
         self.max_depth = n - 1 if self.max_depth < 0 else min(self.max_depth, n - 1)
-        final = schedule[self.max_depth] if self.max_depth < n else schedule[-1]
-        if final.max_transition_epoch >= 0:
-            # as in FTS, the final phase runs until max_epochs, raised to the largest phase epoch if that is later
-            wm = max_transition_watermark(schedule)
-            new_max = max(wm, trainer.max_epochs if trainer.max_epochs is not None else -1)
-            if new_max != trainer.max_epochs:
-                self._warn(
-                    f"phase {final.index} is the final phase: max_epochs is raised from {trainer.max_epochs} to "
-                    f"{new_max}, the largest max_transition_epoch in the schedule"
-                )
-            compat.set_max_epochs(trainer, new_max)
+        self._configured_max_epochs = trainer.max_epochs
+        self._fit_max_epochs(trainer, schedule)
         self.engine = PhaseEngine(
             schedule,
             EngineSettings(
@@ -716,6 +708,24 @@ class FinetuningScheduler(Callback):
 
     # ------------------------------------------------------------------------------------------ edits
 
+    def _fit_max_epochs(self, trainer: pl.Trainer, schedule: Schedule) -> None:
+        """As in FTS: when the final phase has a ``max_transition_epoch``, the run lasts until max_epochs, raised to
+        the largest limit in the schedule if that is later. Called again when an edit or a resume changes the
+        schedule, from the configured max_epochs: an edit that lowers the limit lowers the raise too."""
+        configured = self._configured_max_epochs
+        final = schedule[min(self.max_depth, len(schedule) - 1)]
+        new_max = configured
+        if final.max_transition_epoch >= 0:
+            new_max = max(max_transition_watermark(schedule), configured if configured is not None else -1)
+        if new_max == trainer.max_epochs:
+            return
+        if new_max != configured:
+            self._warn(f"phase {final.index} is the final phase: max_epochs is raised from {configured} to {new_max}, "
+                       "the largest max_transition_epoch in the schedule")
+        else:
+            self._warn(f"max_epochs is {new_max} again, as configured: the schedule no longer raises it")
+        compat.set_max_epochs(trainer, new_max)
+
     def replace_phase(self, phase: Phase) -> None:
         """Swap in an edited upcoming phase (validated by the caller). Current and past phases cannot change."""
         assert self.schedule is not None and self.engine is not None
@@ -729,6 +739,8 @@ class FinetuningScheduler(Callback):
             for w in resolve_params(self.schedule, [n for n, _ in self.pl_module.named_parameters()],
                                     shared_param_aliases(self.pl_module), settled_through=phase.index):
                 self._warn(w)
+            if self.trainer is not None:  # an edited limit moves the run's end as the YAML's would have
+                self._fit_max_epochs(self.trainer, self.schedule)
             # the copy in log_dir (where FTS writes it) shows the edit too
             self._write_schedule(f"{type(self.pl_module).__name__}_ft_schedule_effective.yaml", dump_schedule(self.schedule))
 
@@ -817,6 +829,7 @@ class FinetuningScheduler(Callback):
             self.schedule = schedule
             self.engine.schedule = schedule
         self.max_depth = int(state.get("max_depth", self.max_depth))
+        self._fit_max_epochs(trainer, self.schedule)  # the checkpoint's schedule holds the applied edits
         self.engine.thaw_to_depth(pl_module, self._depth)
         compat.rewrap_ddp(trainer)
         params = dict(pl_module.named_parameters())

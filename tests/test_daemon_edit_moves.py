@@ -10,6 +10,7 @@ checkpoint written then holds: the resume must take that too. The result must be
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,3 +82,29 @@ def test_both_edits_apply_and_the_run_equals_the_yaml(runs: dict) -> None:
     fts_state = next(v for k, v in groups.items() if "FinetuningScheduler" in k)
     owners = [g for g in fts_state["groups"] if MOVED in g["params"]]
     assert len(owners) == 1
+
+
+@pytest.mark.parametrize("start_limit,edited_limit", [(None, 7), (7, 5)], ids=["raise", "lower"])
+def test_an_edited_final_limit_moves_the_end_of_the_run_as_the_yaml_does(
+        tmp_path: Path, start_limit: int | None, edited_limit: int) -> None:
+    """A final phase's max_transition_epoch raises max_epochs (6 here) to the largest limit at setup; an edit of it
+    did not, so the edited run ended at 6 where the YAML's ran to 7, and a lowered limit kept the raise."""
+    before, after = copy.deepcopy(SCHEDULE), copy.deepcopy(SCHEDULE)
+    if start_limit is not None:
+        before[2]["max_transition_epoch"] = start_limit
+    after[2]["max_transition_epoch"] = edited_limit
+    with pytest.MonkeyPatch.context() as mp, private_runtime_dir(mp):
+        reference = start_daemon(configs=[str(write_config(tmp_path / "y", after, name="y"))], run="lim-y",
+                                 run_dir=tmp_path / "y" / "run")
+        assert reference.join() == 0, reference.daemon.error
+        edited = start_daemon(configs=[str(write_config(tmp_path / "e", before, step_delay=0.05, name="e"))],
+                              run="lim-e", run_dir=tmp_path / "e" / "run")
+        with Follower(edited.pub, edited.ctl) as follower, Control(edited.ctl) as ctl:
+            for kind, item in follower.follow(timeout=60):
+                if kind == "event" and item.kind == ev.LR:
+                    ctl.request("queue_edit", phase=2, changes={"max_transition_epoch": edited_limit})
+                    break
+        assert edited.join() == 0, edited.daemon.error
+    a, b = read_events(tmp_path / "e" / "run" / "events.jsonl"), read_events(tmp_path / "y" / "run" / "events.jsonl")
+    assert max(lr_by_step(b)) + 1 == 4 * max(edited_limit, 6)  # 4 steps an epoch: the YAML's run, as FTS has it
+    assert lr_by_step(a) == lr_by_step(b)
