@@ -428,7 +428,11 @@ class EditQueue:
                 resolve_params(schedule, [n for n, _ in module.named_parameters()], shared_param_aliases(module),
                                settled_through=fts.curr_depth, strict={p for p, es in overrides.items() if es})
             except ScheduleError as err:  # with what the classes and arguments would be refused for, in one reply
-                raise ScheduleError(err.problems + class_problems(schedule, opts)) from None
+                hint = []
+                if any("scheduled in more than one phase" in p.reason for p in err.problems):
+                    hint = ["to move parameters to another phase, first queue an edit that takes them out of the "
+                            "phase that holds them"]
+                raise ScheduleError(err.problems + hint + class_problems(schedule, opts)) from None
             report = validate_schedule(schedule, opts)
         except ScheduleError as err:
             raise EditError("; ".join(str(p) for p in err.problems)) from None

@@ -55,6 +55,10 @@ REJECTED = [  # (phase, changes, expected fragment of the one-line error)
     (2, {"new_lr_scheduler": {"lr_scheduler_init": {"class_path": "os.system"}}}, "outside the allowed prefixes"),
     (2, {"new_optimizer": {"optimizer_init": {"class_path": "builtins.eval"}}}, "outside the allowed prefixes"),
     (2, {"params": ["model.classifier.weight"]}, "more than one phase"),
+    # phase 2 still holds it: the refusal says how a move is done
+    (1, {"params": ["model.deberta.encoder.rel_embeddings.weight"]},
+     "phases must be disjoint; to move parameters to another phase, first queue an edit that takes them out of the "
+     "phase that holds them"),
     (2, {"params": ["model\\.nothing.*"]}, "matches no parameter"),
     (2, {"params": ["model.(unclosed"]}, "regex"),
     (2, {"lr": "fast"}, "finite, non-negative float"),
