@@ -182,9 +182,6 @@ def check_transition_epochs(transition_epochs: Mapping[int, int], schedule: Sche
             raise PlanError(f"phase {phase} does not run: max_depth is {max_depth}")
         if epoch < 1:
             raise PlanError(f"phase {phase} cannot start at epoch {epoch}: the earliest is epoch 1")
-        if max_epochs is not None and epoch >= max_epochs:
-            raise PlanError(f"phase {phase} cannot start at epoch {epoch}: the run ends after epoch {max_epochs - 1} "
-                            f"(max_epochs {max_epochs})")
         before = phase - 1
         while before > 0 and before not in transition_epochs and schedule[before - 1].max_transition_epoch >= 0:
             before -= 1  # phase `before` starts at its predecessor's limit: look further back
@@ -192,16 +189,18 @@ def check_transition_epochs(transition_epochs: Mapping[int, int], schedule: Sche
             raise PlanError(f"phase {phase} cannot start before phase {before} does, and nothing says when that is "
                             f"(phase {before - 1} has no max_transition_epoch; give phase {before} a start too)")
         limit = schedule[phase - 1].max_transition_epoch
-        if limit < 0:  # ended by early stopping only: any start is possible
-            continue
-        # the phase before ends at its limit, or one epoch after it began if it began later (a limit behind an
-        # earlier phase's, or a start given for it)
-        began = max([transition_epochs.get(phase - 1, 0)]
-                    + [schedule[q].max_transition_epoch for q in range(phase - 1) if schedule[q].max_transition_epoch >= 0])
-        latest = max(limit, began + 1 if phase > 1 else limit)
-        if epoch > latest:
-            raise PlanError(f"phase {phase} cannot start at epoch {epoch}: phase {phase - 1}'s max_transition_epoch "
-                            f"{limit} ends it by epoch {latest}")
+        if limit >= 0:  # else ended by early stopping only: any start is possible
+            # the phase before ends at its limit, or one epoch after it began if it began later (a limit behind an
+            # earlier phase's, or a start given for it)
+            began = max([transition_epochs.get(phase - 1, 0)] + [
+                schedule[q].max_transition_epoch for q in range(phase - 1) if schedule[q].max_transition_epoch >= 0])
+            latest = max(limit, began + 1 if phase > 1 else limit)
+            if epoch > latest:
+                raise PlanError(f"phase {phase} cannot start at epoch {epoch}: phase {phase - 1}'s "
+                                f"max_transition_epoch {limit} ends it by epoch {latest}")
+        if max_epochs is not None and epoch >= max_epochs:
+            raise PlanError(f"phase {phase} cannot start at epoch {epoch}: the run ends after epoch {max_epochs - 1} "
+                            f"(max_epochs {max_epochs})")
     for (p0, e0), (p1, e1) in zip(given, given[1:]):
         if e1 <= e0:
             raise PlanError(f"phase {p1} would start at epoch {e1}, not after phase {p0} (epoch {e0})")
