@@ -42,7 +42,7 @@ from fts_daemon import events as ev
 from fts_daemon import registry
 from fts_daemon.bus import BindRefused, BusConfig, CurveKeys, EventBus, OpError
 from fts_daemon.edits import EditError, EditQueue, Journal
-from fts_daemon.history import final_state, last_phase, recorded_run_id
+from fts_daemon.history import final_state, last_phase, last_position, recorded_run_id
 
 log = logging.getLogger("fts_daemon.runner")
 
@@ -589,10 +589,8 @@ class Daemon:
             with contextlib.suppress(OSError):
                 self._previous_end = final_state(self.run_dir) or {}
                 resumed_phase = last_phase(self.run_dir)
-        journal = self.run_dir / JOURNAL_FILE
-        if not opts.resume and journal.exists():
-            # a fresh start in a used run dir must not pick up the previous run's pending edits
-            journal.rename(self.run_dir / f"edits.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+        if not opts.resume:
+            self._claim_run_dir()
         bus = EventBus(
             BusConfig(
                 run=self.run_id,
@@ -610,7 +608,7 @@ class Daemon:
                 on_write_error=self._on_write_error,  # events.jsonl cannot be written: stop with a checkpoint
             )
         )
-        self.edits = EditQueue(Journal(journal), bus.publish, self.run_dir / EFFECTIVE_SCHEDULE_FILE)
+        self.edits = EditQueue(Journal(self.run_dir / JOURNAL_FILE), bus.publish, self.run_dir / EFFECTIVE_SCHEDULE_FILE)
         bus.register("queue_edit", self._op_queue_edit, ("phase", "changes"))
         bus.register("cancel_edit", lambda args: self._edit_op(lambda q: q.cancel(args.get("edit_id"))), ("edit_id",))
         bus.register("list_edits", lambda args: {"edits": self._edit_op(
@@ -635,6 +633,27 @@ class Daemon:
         registry.write_record(record)
         bus.watch(self._watch, (ev.STATE, ev.TRANSITION))
         bus.publish(ev.STATE, {"state": "starting", "error": None, "resume": opts.resume})
+
+    def _claim_run_dir(self) -> None:
+        """A fresh start in a run dir that holds another run: refused when that run trained (its recording and
+        checkpoints would mix with this one's, and a later ``--resume`` could take its checkpoint); a recording and
+        journal of a start that never trained (a config error, say) are moved aside."""
+        recording, journal = self.run_dir / EVENTS_FILE, self.run_dir / JOURNAL_FILE
+        trained = newest_checkpoint(self.run_dir) is not None
+        if not trained and recording.is_file():
+            with contextlib.suppress(OSError):
+                trained = last_position(self.run_dir)[0] is not None
+        if trained:
+            earlier = recorded_run_id(self.run_dir) if recording.is_file() else None
+            raise ConfigError(
+                f"run dir {self.run_dir} holds {f'run {earlier!r}' if earlier else 'an earlier run'}, which trained: "
+                f"continue it with `fts-daemon start --resume --run-dir {self.run_dir}`, or give this run another "
+                "--run-dir (or --run)"
+            )
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for path, name in ((recording, f"events.{stamp}.jsonl"), (journal, f"edits.{stamp}.jsonl")):
+            if path.exists():  # the earlier start's, kept beside this one's
+                path.rename(self.run_dir / name)
 
     def _config_paths(self) -> list[str]:
         """The configs this run was started with: a resume from the saved config.yaml reports those it merged."""

@@ -245,3 +245,35 @@ def test_refused_edits_all_reach_a_snapshot() -> None:
     for snap in (h.snapshot(), json.loads(h.snapshot_json())):
         assert [e["id"] for e in snap["edits"]] == ["e1", None, None]
         assert [e["error"] for e in snap["edits"][1:]] == ["no 1", "no 2"]
+
+
+def test_a_fresh_start_in_a_run_dir_that_trained_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It appended to the earlier run's events.jsonl, and a later --resume could take the earlier run's checkpoint.
+    A run dir whose earlier start never trained (a config error) is reused, its recording and journal kept aside."""
+    from fts_daemon.runner import Daemon, StartOptions
+
+    cfg = write_config(tmp_path / "cfg", max_epochs=1, name="f")
+    run_dir = tmp_path / "run"
+    with private_runtime_dir(monkeypatch):
+        first = start_daemon(configs=[str(cfg)], run="f1", run_dir=run_dir)
+        assert first.join() == 0, first.daemon.error
+        before = (run_dir / "events.jsonl").read_bytes()
+        again = Daemon(StartOptions(configs=[str(cfg)], run="f2", run_dir=run_dir, progress=False,
+                                    install_signals=False))
+        assert again.run() == 2
+        assert again.error == (f"run dir {run_dir} holds run 'f1', which trained: continue it with `fts-daemon start "
+                               f"--resume --run-dir {run_dir}`, or give this run another --run-dir (or --run)")
+        assert (run_dir / "events.jsonl").read_bytes() == before  # nothing of the refused start in it
+
+        never = tmp_path / "never"  # an earlier start that failed on its config, before any step
+        never.mkdir()
+        failed = [ev.Event(ev.STATE, 1, 1.0, "f3", "d", {"state": "starting", "error": None, "resume": False}),
+                  ev.Event(ev.STATE, 2, 2.0, "f3", "d", {"state": "failed", "error": "config file not found"})]
+        (never / "events.jsonl").write_text("".join(ev.event_to_json_line(e) + "\n" for e in failed))
+        (never / "edits.jsonl").write_text("")
+        fresh = start_daemon(configs=[str(cfg)], run="f3", run_dir=never)
+        assert fresh.join() == 0, fresh.daemon.error
+    kept = sorted(p.name for p in never.glob("*.jsonl"))
+    assert len(kept) == 3 and kept[0].startswith("edits.2") and kept[1].startswith("events.2"), kept
+    assert read_events(never / "events.jsonl")[0].data["state"] == "starting"  # this start's own, from seq 1
+    assert len(read_events(never / kept[1])) == 2
