@@ -15,7 +15,8 @@ from fts_daemon.tap import find_fts
 
 class LRDump(Callback):
     """``out_dir/rank<R>-<pid>.json``: ``epochs`` ([epoch, phase, [lr per group]] at each epoch start, after the
-    FinetuningScheduler's transition), the last ``step``, whether the fit ``resumed``, and per-parameter sums."""
+    FinetuningScheduler's transition), the last ``step``, whether the fit ``resumed``, per-parameter sums, and the
+    parameters in the optimizer's groups at the end (``grouped``)."""
 
     def __init__(self, out_dir: str):
         super().__init__()
@@ -35,6 +36,9 @@ class LRDump(Callback):
             "resumed": trainer.ckpt_path is not None,
             "epochs": self.epochs,
             "weights": {n: float(p.detach().double().sum()) for n, p in pl_module.named_parameters()},
+            # the parameters the optimizer trains at the end (a parameter in no phase is missing here)
+            "grouped": sorted(n for n, p in pl_module.named_parameters()
+                              if any(p is q for g in trainer.optimizers[0].param_groups for q in g["params"])),
         }
         path = Path(self.out_dir) / f"rank{trainer.global_rank}-{os.getpid()}.json"
         path.parent.mkdir(parents=True, exist_ok=True)

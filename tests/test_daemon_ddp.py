@@ -154,3 +154,42 @@ def test_edit_applied_identically_on_both_ranks_and_resume_matches_one_process(d
     applied = [e.data["edit"] for e in second if e.kind == ev.EDIT and e.data["edit"]["status"] == "applied"]
     assert [e["id"] for e in applied] == [ddp_run["queued"]["id"]]
     assert [e.data["state"] for e in second if e.kind == ev.STATE][-1] == "finished"
+
+
+def test_moving_a_parameter_into_an_earlier_phase_under_ddp(tmp_path: Path) -> None:
+    """Two edits move a parameter from phase 2 into phase 1. Between the transitions phase 2 still names it; rank 1
+    rebuilds the schedule from rank 0's broadcast phase at each transition and must leave it out of phase 2 as rank 0
+    does (it refused the schedule as overlapping, and the run died there)."""
+    moved = "model.deberta.encoder.rel_embeddings.weight"
+    into_1 = {"params": [*PHASES[1]["params"], moved]}
+    out_of_2 = {"params": [p for p in PHASES[2]["params"] if p != moved]}
+    with pytest.MonkeyPatch.context() as mp, private_runtime_dir(mp) as rt:
+        cfg = config_with_dump(tmp_path / "cfg", PHASES, tmp_path / "dump", "m", step_delay=0.3)
+        proc = fts_start("--config", str(cfg), "--run", "ddpm", "--run-dir", str(tmp_path / "run"), *DDP,
+                         cwd=tmp_path)
+        try:
+            record = wait_for(lambda: registry.read_record("ddpm") if (rt / "ddpm.json").exists() else None, 120)
+            with Control(record.ctl, timeout=30) as ctl:
+                wait_for(lambda: ctl.request("hello")["state"] == "training", 120)
+                queued = [ctl.request("queue_edit", phase=2, changes=out_of_2),
+                          ctl.request("queue_edit", phase=1, changes=into_1)]
+            finish(proc)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        reference_schedule = copy.deepcopy(PHASES)
+        reference_schedule[1].update(into_1)
+        reference_schedule[2].update(out_of_2)
+        ref_cfg = config_with_dump(tmp_path / "cfg", reference_schedule, tmp_path / "dump_ref", "mr", step_delay=0.0)
+        ref = start_daemon(configs=[str(ref_cfg)], run="ddpm-ref", run_dir=tmp_path / "ref")
+        assert ref.join() == 0
+    assert [q["status"] for q in queued] == ["queued", "queued"]
+    events = read_events(tmp_path / "run" / "events.jsonl")
+    applied = [e.data["edit"]["id"] for e in events if e.kind == ev.EDIT and e.data["edit"]["status"] == "applied"]
+    assert sorted(applied) == sorted(q["id"] for q in queued)
+    ranks = dumps(tmp_path / "dump")
+    (reference,) = dumps(tmp_path / "dump_ref")
+    assert sorted(d["rank"] for d in ranks) == [0, 1] and ranks[0]["weights"] == ranks[1]["weights"]
+    for rank in ranks:
+        assert by_epoch([rank]) == by_epoch([reference])  # per-epoch phase and LRs
+        assert moved in rank["grouped"] and rank["grouped"] == reference["grouped"]
