@@ -171,29 +171,47 @@ def _check_optim_spec(spec: OptimizerSpec, index: int, key: str, opts: Validatio
         problems.append(problem(str(err), index, f"{key}.optimizer_init.init_args", init.init_args))
 
 
+def _reinit_specs(phase: Any, opts: ValidationOptions) -> tuple[tuple[str, LRSchedulerSpec] | None,
+                                                                 tuple[str, OptimizerSpec] | None]:
+    """(key, spec) of the scheduler and the optimizer reinit that apply at ``phase``: implicit mode's configs, which
+    win at every phase, else the phase's own blocks; None where there is none."""
+    lr = ("reinit_lr_cfg", opts.reinit_lr_cfg) if opts.reinit_lr_cfg is not None else (
+        ("new_lr_scheduler", phase.new_lr_scheduler) if phase.new_lr_scheduler is not None else None)
+    optim = ("reinit_optim_cfg", opts.reinit_optim_cfg) if opts.reinit_optim_cfg is not None else (
+        ("new_optimizer", phase.new_optimizer) if phase.new_optimizer is not None else None)
+    return lr, optim
+
+
+def _implicit(opts: ValidationOptions) -> bool:
+    return opts.reinit_lr_cfg is not None or opts.reinit_optim_cfg is not None
+
+
+def _as_the_configs(problems: list[Problem]) -> list[Problem]:
+    """Implicit configs are the same at every phase: their problems, found while checking one phase (whose group
+    count a dry run used), are the config's and name no phase."""
+    return [dataclasses.replace(p, phase=None) if p.key and p.key.startswith(("reinit_lr_cfg", "reinit_optim_cfg"))
+            else p for p in problems]
+
+
 def class_problems(schedule: Schedule, opts: ValidationOptions) -> list[Problem]:
     """The checks that need no group counts (class paths, then arguments against the class's annotations), for a
     schedule whose params could not be resolved: reported beside the unmatched patterns, so that fixing those does
     not uncover a second round of problems that could have been told the first time."""
     problems: list[Problem] = []
     for phase in schedule.phases[1:]:
-        checks: list[tuple[str, str, Any, Any, dict[str, Any]]] = []  # (key, init key, init, class finder, args)
-        lr_spec = opts.reinit_lr_cfg or phase.new_lr_scheduler
-        if lr_spec is not None:
-            init = lr_spec.lr_scheduler_init
-            key = "reinit_lr_cfg" if opts.reinit_lr_cfg is not None else "new_lr_scheduler"
-            checks.append((key, "lr_scheduler_init", init, _scheduler_cls, scheduler_init_args(init)))
-        optim_spec = opts.reinit_optim_cfg or phase.new_optimizer
-        if optim_spec is not None:
-            oinit = optim_spec.optimizer_init
-            key = "reinit_optim_cfg" if opts.reinit_optim_cfg is not None else "new_optimizer"
-            checks.append((key, "optimizer_init", oinit, _optimizer_cls, oinit.init_args))
-        for key, sub, init, find, args in checks:
-            cls = find(init, phase.index, key, opts, problems)
+        lr, optim = _reinit_specs(phase, opts)
+        if lr is not None:
+            cls = _scheduler_cls(lr[1].lr_scheduler_init, phase.index, lr[0], opts, problems)
             if cls is not None:
-                _args_fit(cls, args, phase.index, f"{key}.{sub}.init_args", problems)
-        if opts.reinit_lr_cfg is not None or opts.reinit_optim_cfg is not None:
-            break  # implicit configs are the same at every phase: once
+                _args_fit(cls, scheduler_init_args(lr[1].lr_scheduler_init), phase.index,
+                          f"{lr[0]}.lr_scheduler_init.init_args", problems)
+        if optim is not None:
+            ocls = _optimizer_cls(optim[1].optimizer_init, phase.index, optim[0], opts, problems)
+            if ocls is not None:
+                _args_fit(ocls, optim[1].optimizer_init.init_args, phase.index, f"{optim[0]}.optimizer_init.init_args",
+                          problems)
+        if _implicit(opts):
+            return _as_the_configs(problems)  # the same at every phase: once
     return problems
 
 
@@ -218,27 +236,15 @@ def validate_schedule(schedule: Schedule, opts: ValidationOptions) -> Validation
         after = layout[phase.index]
         if not phase.resolved:
             report.warnings.append(f"phase {phase.index}: params is empty; the phase adds no parameter groups")
-        lr_spec = opts.reinit_lr_cfg or phase.new_lr_scheduler
-        key = "reinit_lr_cfg" if opts.reinit_lr_cfg is not None else "new_lr_scheduler"
-        if lr_spec is not None:
-            _check_lr_spec(
-                lr_spec, phase.index, key, before, after, phase.lr, opts, opts.reinit_lr_cfg is not None,
-                problems, report.warnings,
-            )
-        optim_spec = opts.reinit_optim_cfg or phase.new_optimizer
-        if optim_spec is not None:
-            okey = "reinit_optim_cfg" if opts.reinit_optim_cfg is not None else "new_optimizer"
-            _check_optim_spec(optim_spec, phase.index, okey, opts, problems)
-        if opts.reinit_lr_cfg is not None or opts.reinit_optim_cfg is not None:
-            # implicit configs are the same at every phase: report their problems once, as the config's (they were
-            # found while checking this phase, whose group count the dry run used, but belong to no phase)
-            if problems:
-                problems = [
-                    dataclasses.replace(p, phase=None)
-                    if p.key and p.key.startswith(("reinit_lr_cfg", "reinit_optim_cfg")) else p
-                    for p in problems
-                ]
-                break
+        lr, optim = _reinit_specs(phase, opts)
+        if lr is not None:
+            _check_lr_spec(lr[1], phase.index, lr[0], before, after, phase.lr, opts, opts.reinit_lr_cfg is not None,
+                           problems, report.warnings)
+        if optim is not None:
+            _check_optim_spec(optim[1], phase.index, optim[0], opts, problems)
+        if _implicit(opts) and problems:
+            problems = _as_the_configs(problems)  # reported once
+            break
     # FTS notes this too: the phase starts once the earlier limit is reached and its own is already behind it
     mark = -1
     for phase in schedule.phases[:-1]:  # the last phase's limit is max_epochs' business (warned about elsewhere)
