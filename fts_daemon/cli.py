@@ -275,7 +275,7 @@ def _status(record: registry.RunRecord) -> dict[str, Any]:
         "run": record.run,
         "pid": record.pid,
         "daemon": record.daemon,
-        "state": record.live_state,
+        "state": run_state(record),
         "phase": record.phase,
         "step": None,
         "epoch": None,
@@ -305,8 +305,6 @@ def _status(record: registry.RunRecord) -> dict[str, Any]:
             out["step"], out["epoch"] = last_position(record.run_dir)
             end = final_state(record.run_dir) or {}
             out.update({k: end.get(k) for k in ("reason", "checkpoint", "error", "train_steps", "train_seconds")})
-            if out["state"] == "dead" and end.get("state") in ("finished", "failed"):
-                out["state"] = end["state"]  # see run_state
     return out
 
 
