@@ -21,7 +21,7 @@ from typing import Any
 from fts_daemon import registry
 from fts_daemon.client import Control, ControlError
 from fts_daemon.events import train_rate
-from fts_daemon.history import final_state, last_position
+from fts_daemon.history import final_state, last_position, run_state
 
 # LightningCLI arguments passed through to the config (``--trainer.max_epochs=3``, ``--model.init_args.x=1``)
 # how long `start --detach` waits, once the daemon listens, for it to build the config and model and start
@@ -306,18 +306,6 @@ def _status(record: registry.RunRecord) -> dict[str, Any]:
             end = final_state(record.run_dir) or {}
             out.update({k: end.get(k) for k in ("reason", "checkpoint", "error", "train_steps", "train_seconds")})
     return out
-
-
-def run_state(record: registry.RunRecord) -> str:
-    """The registry's state of a run, or for a dead one the end its recording holds: a daemon killed after it
-    recorded ``finished`` but before it updated the registry did finish."""
-    state = record.live_state
-    if state == "dead" and record.run_dir:
-        with contextlib.suppress(OSError):
-            end = final_state(record.run_dir) or {}
-            if end.get("state") in ("finished", "failed"):
-                return str(end["state"])
-    return state
 
 
 def _duration(seconds: float) -> str:

@@ -17,9 +17,12 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fts_daemon import events as ev
+
+if TYPE_CHECKING:
+    from fts_daemon.registry import RunRecord
 
 EVENTS_FILE = "events.jsonl"
 # lr rows (RunHistory.ingest_lr_row) gathered before they are folded into the series: ~1 s of a fast run's steps
@@ -140,6 +143,20 @@ def last_phase(target: str | Path, tail_bytes: int = 256 * 1024) -> int | None:
         if key is not None and isinstance(data, dict) and type(data.get(key)) is int:
             return data[key]
     return None
+
+
+def run_state(record: RunRecord) -> str:
+    """A registered run's state, or for a dead one the end its recording holds: a daemon killed after it recorded
+    ``finished`` but before it updated the registry did finish (``runs``, ``status``, the TUI)."""
+    state = record.live_state
+    if state == "dead" and record.run_dir:
+        try:
+            end = final_state(record.run_dir) or {}
+        except OSError:
+            return state
+        if end.get("state") in ("finished", "failed"):
+            return str(end["state"])
+    return state
 
 
 def final_state(target: str | Path, tail_bytes: int = 256 * 1024) -> dict[str, Any] | None:

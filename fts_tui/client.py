@@ -31,6 +31,7 @@ import zmq
 import zmq.asyncio
 
 from fts_daemon import events as ev
+from fts_daemon.history import final_state, run_state  # torch-free, like the registry
 from fts_tui.source import DEFAULT_SCHEDULERS, PLAN_TIMEOUT_S, RequestError
 from fts_tui.state import HEADER, PlanData, RunState, plan_args
 
@@ -136,15 +137,13 @@ def snapshot_args(hello: dict[str, Any]) -> dict[str, Any]:
 
 def _ended_note(record: Any) -> str:
     """What to do about a run whose daemon has exited: resume it if a stop left a checkpoint, else replay it."""
-    from fts_daemon.history import final_state  # torch-free, like the registry
-
     end: dict[str, Any] = {}
     with contextlib.suppress(OSError, ValueError):
         end = final_state(record.run_dir) or {}
     if end.get("reason") == "stopped" and end.get("checkpoint"):
         return (f"run stopped; its daemon has exited: `fts-daemon start --resume --run-dir {record.run_dir}` "
                 "continues it")
-    return f"run {record.live_state}; its daemon has exited: `fts-tui replay {record.run_dir}` shows the run"
+    return f"run {run_state(record)}; its daemon has exited: `fts-tui replay {record.run_dir}` shows the run"
 
 
 class LiveSource:
@@ -355,8 +354,9 @@ class LiveSource:
                 # the registered daemon has exited (attached after the run ended, or it crashed): say so, and go on
                 # asking, in case `fts-daemon start --resume` brings the run back
                 if self.state.last_heard is None or self.state.status not in ("finished", "failed"):
-                    # nothing heard from it, or it died mid-run (killed): its state is the registry's ("dead")
-                    self.state.status = record.live_state
+                    # nothing heard from it, or it died mid-run: its state is the registry's ("dead" when killed),
+                    # or the end its recording holds if it was killed just after recording it
+                    self.state.status = run_state(record)
                     self.state.mark(HEADER)
                 if self.state.connection != "ended":  # read the recording's tail once, not at every retry
                     self.state.set_connection("ended", _ended_note(record))

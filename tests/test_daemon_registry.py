@@ -134,8 +134,9 @@ def test_a_dead_run_whose_recording_ends_finished_is_finished(tmp_path: Path) ->
     """Killed between recording ``finished`` and updating the registry, a stopped run was listed as dead."""
     import dataclasses
 
-    from fts_daemon.cli import _status, run_state
+    from fts_daemon.cli import _status
     from fts_daemon.events import STATE, Event, event_to_json_line
+    from fts_daemon.history import run_state
 
     gone = subprocess.Popen(["true"])
     gone.wait()  # a pid nothing runs under any more
